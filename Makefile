@@ -1,0 +1,40 @@
+# Two commands for a fresh machine:  make demo  |  make test   (both set up .venv first)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.sslpipe-installed
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package when we may install it.
+data:
+	@if [ ! -d $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing dataset-fashion-mnist (Debian package)"; \
+	    (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)); \
+	  else \
+	    echo "note: $(FMNIST) is missing; install dataset-fashion-mnist or set data.root / data.download in the config"; \
+	  fi; \
+	fi
+
+setup: $(STAMP) data
+
+demo: setup
+	$(BIN)/sslpipe run configs/quickstart.yaml --output-dir runs/quickstart
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/speed.py
+
+clean:
+	rm -rf runs bench/_work .pytest_cache

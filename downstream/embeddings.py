@@ -1,0 +1,66 @@
+"""Embedding a set of images with a backbone: batched, no gradients, on the fastest device."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Grayscale -> 3 channels for RGB backbones; RGB -> luma (ITU-R 601) for 1-channel backbones."""
+    if x.shape[1] == in_chans:
+        return x
+    if x.shape[1] == 1 and in_chans == 3:
+        return x.expand(-1, 3, -1, -1)
+    if x.shape[1] == 3 and in_chans == 1:
+        w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x * w).sum(1, keepdim=True)
+    raise ValueError(f"cannot map {x.shape[1]} channels to {in_chans}")
+
+
+def prepare_batch(
+    batch: torch.Tensor, *, input_size: int, mean: Sequence[float], std: Sequence[float], in_chans: int
+) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> normalized float at the backbone's input size (the evaluation transform)."""
+    x = match_channels(batch.float().div_(255.0), in_chans)
+    if x.shape[-2:] != (input_size, input_size):
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+@torch.no_grad()
+def embed_images(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    in_chans: int = 3,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
+) -> np.ndarray:
+    """Pooled features (N, D) float32 of uint8 images (N, C, H, W)."""
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    was_training = model.training
+    model.eval().to(device)
+    chunks = []
+    try:
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+            x = prepare_batch(batch, input_size=input_size, mean=mean, std=std, in_chans=in_chans)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                feats = model(x)
+            chunks.append(feats.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)

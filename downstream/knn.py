@@ -1,0 +1,153 @@
+"""Weighted kNN classifier on frozen features: the standard SSL training monitor.
+
+Same rule as InstDisc (Wu et al. 2018) and lightly's ``knn_predict``: cosine
+similarity to the training bank, top-k neighbours, each neighbour votes for
+its class with weight ``exp(sim / temperature)``, highest total wins. It needs
+no training, so it is a cheap, hyper-parameter-light proxy for linear-probe
+accuracy. numpy + faiss only, so it runs wherever the features are.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+__all__ = ["knn_predict", "knn_accuracy"]
+
+# faiss' GPU flat index supports k up to this value; larger k falls back to CPU.
+_GPU_MAX_K = 2048
+
+
+def _normalized(x, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {x.shape}")
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN/inf values")
+    # Zero rows stay zero (similarity 0 to everything) instead of becoming NaN.
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    return x
+
+
+def _index(train: np.ndarray, k: int, use_gpu: bool | None):
+    ngpu = faiss.get_num_gpus()
+    if use_gpu and ngpu == 0:
+        raise RuntimeError("use_gpu=True but faiss sees no GPU (faiss.get_num_gpus() == 0)")
+    index = faiss.IndexFlatIP(train.shape[1])
+    if ngpu > 0 and use_gpu is not False and k <= _GPU_MAX_K:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(train)
+    return index
+
+
+def knn_predict(
+    train_features,
+    train_labels,
+    query_features,
+    *,
+    k: int = 200,
+    temperature: float = 0.1,
+    num_classes: int | None = None,
+    use_gpu: bool | None = None,
+    batch_size: int = 4096,
+    exclude_self: bool = False,
+) -> np.ndarray:
+    """Predict a label for every query row by similarity-weighted kNN vote.
+
+    Args:
+        train_features: (N, D) feature bank; L2-normalized internally.
+        train_labels: (N,) labels. Any values work (ints, strings); predictions
+            are returned in the same label space.
+        query_features: (Q, D) features to classify.
+        k: neighbours per query, capped at the number of usable train points
+            (so a tiny bank still works).
+        temperature: softmax-style sharpness; smaller trusts the closest
+            neighbours more. Weights are computed as
+            ``exp((sim - max_sim) / temperature)`` per query, which ranks classes
+            exactly like ``exp(sim / temperature)`` but cannot overflow.
+        num_classes: optional; when given, labels must be integers in
+            ``[0, num_classes)`` (a cheap check against mismatched label maps).
+        use_gpu: ``None`` = GPU index iff faiss sees a GPU; ``False`` forces
+            CPU; ``True`` requires a GPU. k > 2048 always runs on CPU.
+        batch_size: queries per faiss search (bounds the (batch, k) buffers).
+        exclude_self: the query set *is* the train set (same rows, same order),
+            e.g. leave-one-out monitoring: each query's own row is dropped from
+            its neighbours (the duplicate with the same index, not just "the
+            first hit", so exact duplicates elsewhere in the bank still count).
+
+    Returns:
+        (Q,) array of predicted labels (dtype of ``train_labels``). Ties between
+        classes resolve to the smallest label.
+    """
+    train = _normalized(train_features, "train_features")
+    query = _normalized(query_features, "query_features")
+    labels = np.asarray(train_labels)
+    n, d = train.shape
+    if labels.shape != (n,):
+        raise ValueError(f"train_labels must have shape ({n},), got {labels.shape}")
+    if query.shape[1] != d:
+        raise ValueError(f"feature dims differ: train D={d}, query D={query.shape[1]}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_classes is not None:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"num_classes given but train_labels are not integers ({labels.dtype})")
+        if n and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"train_labels must lie in [0, num_classes={num_classes}), got range "
+                f"[{labels.min()}, {labels.max()}]"
+            )
+    if exclude_self and query.shape[0] != n:
+        raise ValueError(
+            f"exclude_self=True needs query == train, got {query.shape[0]} queries vs {n} train rows"
+        )
+    usable = n - 1 if exclude_self else n
+    if usable < 1:
+        raise ValueError("not enough train points to find any neighbour")
+    k_eff = min(int(k), usable)
+    k_search = k_eff + 1 if exclude_self else k_eff
+
+    classes, codes = np.unique(labels, return_inverse=True)
+    codes = codes.ravel().astype(np.int64)
+    c = len(classes)
+    index = _index(train, k_search, use_gpu)
+
+    out = np.empty(query.shape[0], dtype=np.int64)
+    for start in range(0, query.shape[0], batch_size):
+        q = query[start : start + batch_size]
+        b = q.shape[0]
+        sims, nbrs = index.search(q, k_search)
+        if exclude_self:
+            own = np.arange(start, start + b)[:, None]
+            drop = nbrs == own
+            # Self not retrieved (ties among duplicates): drop the weakest hit
+            # instead, so every row keeps exactly k_eff neighbours.
+            missing = ~drop.any(axis=1)
+            drop[missing, -1] = True
+            keep = ~drop
+            sims = sims[keep].reshape(b, k_eff)
+            nbrs = nbrs[keep].reshape(b, k_eff)
+        sims = sims.astype(np.float64)
+        weights = np.exp((sims - sims.max(axis=1, keepdims=True)) / temperature)
+        flat = (np.arange(b)[:, None] * c + codes[nbrs]).ravel()
+        scores = np.bincount(flat, weights=weights.ravel(), minlength=b * c).reshape(b, c)
+        out[start : start + b] = scores.argmax(axis=1)
+    return classes[out]
+
+
+def knn_accuracy(train_features, train_labels, query_features, query_labels, **kw) -> float:
+    """Fraction of queries whose :func:`knn_predict` label equals ``query_labels``."""
+    query_labels = np.asarray(query_labels)
+    pred = knn_predict(train_features, train_labels, query_features, **kw)
+    if query_labels.shape != pred.shape:
+        raise ValueError(
+            f"query_labels must have shape {pred.shape}, got {query_labels.shape}"
+        )
+    if pred.size == 0:
+        raise ValueError("no queries")
+    return float(np.mean(pred == query_labels))

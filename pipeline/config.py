@@ -1,0 +1,320 @@
+"""Pipeline configuration: YAML files validated by pydantic.
+
+Reading a config imports only pydantic and PyYAML, so a bad key is reported in well under two seconds.
+Every error names the key path (stages are named by their `name:`) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pretext import method_names, method_settings
+from pretext.settings import StrictSettings
+
+DATA_SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "folder")
+
+
+class ConfigError(Exception):
+    """A config that cannot run. The CLI prints the message and exits with code 2."""
+
+
+Strict = StrictSettings  # same unknown-key behaviour as the method settings
+
+
+class DataConfig(Strict):
+    """Where images come from. Labels, when a source has them, are used for evaluation only."""
+
+    source: Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "folder"]
+    root: str | None = None
+    download: bool = False
+    train_split: str = "train"
+    eval_split: str = "test"
+    train_subset: int | None = Field(None, ge=1, description="seeded, stratified subset of the train split")
+    eval_subset: int | None = Field(None, ge=1)
+    train_classes: list[int] | None = None
+    eval_classes: list[int] | None = None
+    load_size: int | None = Field(None, ge=8, le=4096, description="folder images are decoded to this square size")
+    max_image_pixels: int = Field(89_478_485, ge=1)
+
+    @model_validator(mode="after")
+    def _folder_needs_root(self) -> "DataConfig":
+        if self.source == "folder" and not self.root:
+            raise ValueError("source 'folder' needs root: <path to the images>")
+        return self
+
+
+class BackboneConfig(Strict):
+    """A timm model by name. Weights are never downloaded: `pretrained` stays false."""
+
+    name: str = "resnet18"
+    small_image_stem: bool = True
+    stem_stride: Literal[1, 2] = Field(1, description="small stem only: 2 halves the feature maps (about 3x faster)")
+    in_chans: Literal[1, 3] = 3
+    image_size: int = Field(32, ge=8, le=1024, description="input size the backbone sees")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: Literal[False] = False
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="attach to a running cluster; RAY_ADDRESS works too")
+    num_workers: int = Field(2, ge=1, le=4096)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    max_failures: int = Field(0, ge=-1, description="-1: retry forever")
+    storage_path: str | None = Field(None, description="checkpoints; defaults to <output_dir>/ray")
+
+
+class TrackingConfig(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<output_dir>/mlflow.db")
+    experiment: str = "sslpipe"
+    run_name: str | None = None
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, le=100.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class StageBase(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+
+
+class PretextStage(StageBase):
+    """Trains a backbone with a label-free method; produces a backbone artifact."""
+
+    kind: Literal["pretext"]
+    method: str
+    input: str | None = Field(None, description="start from this stage's backbone instead of random init")
+    epochs: int = Field(ge=1, le=100_000)
+    batch_size: int = Field(256, ge=2, description="global batch, split across workers")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"
+    )
+    channels_last: bool = False
+    checkpoint_every: int = Field(1, ge=1)
+    log_every_steps: int = Field(20, ge=1)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in method_names():
+            hint = difflib.get_close_matches(value, method_names(), n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ValueError(f"unknown method '{value}' (known: {', '.join(method_names())}){extra}")
+        return value
+
+    @model_validator(mode="after")
+    def _validate_settings(self) -> "PretextStage":
+        try:
+            validated = method_settings(self.method).model_validate(self.settings)
+        except ValidationError as err:
+            raise ValueError(_format_errors(err, prefix="settings")) from None
+        self.settings = validated.model_dump(mode="json")
+        return self
+
+
+class EvaluateStage(StageBase):
+    """Embeds the evaluation split with a backbone: kNN accuracy, k-means metrics, plots, assignments."""
+
+    kind: Literal["evaluate"]
+    input: str = Field(description="a stage that produced a backbone, or 'pixels' for the raw-pixel baseline")
+    batch_size: int = Field(512, ge=1)
+    knn_k: int = Field(200, ge=1)
+    knn_temperature: float = Field(0.1, gt=0.0)
+    clusters: int | None = Field(None, ge=2, description="k for k-means; default: number of classes, else 10")
+    kmeans_iterations: int = Field(50, ge=1)
+    tsne: bool = True
+    tsne_points: int = Field(3000, ge=50)
+    grid_per_cluster: int = Field(12, ge=1, le=100)
+
+
+Stage = Annotated[Union[PretextStage, EvaluateStage], Field(discriminator="kind")]
+
+
+class PipelineConfig(Strict):
+    name: str = Field("sslpipe", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    output_dir: str | None = None
+    data: DataConfig
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _stage_graph(self) -> "PipelineConfig":
+        seen: dict[str, str] = {}
+        for stage in self.stages:
+            if stage.name in seen:
+                raise ValueError(f"stage name '{stage.name}' is used twice")
+            inp = getattr(stage, "input", None)
+            if inp is not None and inp != "pixels":
+                if inp not in seen:
+                    raise ValueError(
+                        f"stage '{stage.name}': input '{inp}' is not an earlier stage "
+                        f"(earlier stages: {', '.join(seen) or 'none'})"
+                    )
+                if seen[inp] != "pretext":
+                    raise ValueError(f"stage '{stage.name}': input '{inp}' does not produce a backbone")
+            if stage.kind == "pretext" and inp == "pixels":
+                raise ValueError(f"stage '{stage.name}': 'pixels' is an evaluation baseline, not a backbone")
+            seen[stage.name] = stage.kind
+        return self
+
+    def stage(self, name: str) -> PretextStage | EvaluateStage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading, overrides and error messages
+
+
+def _format_loc(loc: tuple, data: Any) -> str:
+    """('stages', 0, 'pretext', 'epochs') -> 'stages[simclr].epochs' (union tags dropped)."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            name = None
+            if isinstance(node, list) and 0 <= item < len(node) and isinstance(node[item], dict):
+                name = node[item].get("name")
+            parts.append(f"[{name}]" if name else f"[{item}]")
+            node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
+            continue
+        if isinstance(node, dict) and item not in node and item in ("pretext", "evaluate"):
+            continue  # discriminated-union tag, not a key the user wrote
+        parts.append(("." if parts else "") + str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "<root>"
+
+
+def _format_errors(err: ValidationError, data: Any = None, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = _format_loc(tuple(e["loc"]), data)
+        if prefix:
+            loc = prefix if loc == "<root>" else f"{prefix}.{loc}"
+        msg = e["msg"].removeprefix("Value error, ")
+        if msg.startswith("settings") and ": " in msg:
+            # a nested method-settings error, already formatted with its own key paths
+            lines.extend(f"{loc}.{line}" for line in msg.splitlines())
+            continue
+        unknown = re.match(r"^unknown key '([^']+)' (.*)$", msg, re.S)
+        if unknown:
+            key, rest = unknown.groups()
+            loc = key if loc == "<root>" else f"{loc}.{key}"
+            msg = f"unknown key {rest}"
+        if e["type"] == "union_tag_invalid":
+            msg = "kind must be one of: pretext, evaluate"
+        elif e["type"] == "union_tag_not_found":
+            msg = "each stage needs kind: pretext | evaluate"
+        got = e.get("input")
+        if e["type"] not in ("missing", "value_error", "union_tag_not_found") and not isinstance(got, (dict, list)):
+            msg += f" (got {got!r})"
+        lines.append(f"{loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply `a.b.c=value` in place. Stages may be addressed by name or index: `stages.simclr.epochs=2`."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. stages.simclr.epochs=2")
+    key, _, raw = assignment.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            match = [s for s in node if isinstance(s, dict) and s.get("name") == part]
+            if match:
+                node = match[0]
+            elif part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                names = [s.get("name") for s in node if isinstance(s, dict)]
+                raise ConfigError(f"--set {key}: no stage '{part}' at {where} (stages: {', '.join(map(str, names))})")
+        elif isinstance(node, dict):
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"--set {key}: {where} is not a mapping")
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: {'.'.join(path[:-1])} is not a mapping")
+    node[path[-1]] = _parse_value(raw)
+
+
+def load_config_data(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{p}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def validate_config(data: dict, source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid configuration\n{_format_errors(err, data)}") from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read, override and validate a pipeline config. Raises ConfigError with key paths."""
+    data = copy.deepcopy(load_config_data(path))
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate_config(data, source=str(path))
+
+
+def dump_config(config: PipelineConfig) -> str:
+    """The resolved config (defaults filled in) as YAML; saved with every run."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict/list -> {'a.b': v}; stages keyed by name. Used for MLflow params."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    elif isinstance(data, list) and data and all(isinstance(v, dict) and "name" in v for v in data):
+        for value in data:
+            out.update(flatten(value, f"{prefix}{value['name']}."))
+    else:
+        out[prefix.rstrip(".")] = data
+    return out

@@ -1,0 +1,760 @@
+"""Data sources for pretraining and evaluation.
+
+Every source is turned into one in-memory :class:`ImageSet` of uint8 NCHW arrays, so the rest of the
+pipeline (pretext training, embedding, clustering) never has to know where pixels came from, and
+:meth:`ImageSet.fingerprint` can identify exactly which data a model saw.
+
+Bad or missing inputs raise :class:`DataError` (the CLI maps it to exit code 2) with a message that
+names the source and path and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import hashlib
+import os
+import pickle
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "ImageSet",
+    "SOURCES",
+    "SPLITS",
+    "IMAGE_EXTENSIONS",
+    "load_images",
+    "to_rgb",
+]
+
+
+class DataError(Exception):
+    """Bad or missing input data; the CLI maps it to exit code 2. Message names the source/path."""
+
+
+SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "folder")
+
+# Splits each source understands; STL10 also ships a large unlabeled split meant for pretraining.
+SPLITS: dict[str, tuple[str, ...]] = {s: ("train", "test") for s in SOURCES}
+SPLITS["stl10"] = ("train", "test", "unlabeled")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+DEFAULT_FOLDER_IMAGE_SIZE = 64
+
+# Same order as torchvision.datasets.FashionMNIST.classes (hard-coded: no dataset object needed).
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+MNIST_CLASSES = [
+    "0 - zero",
+    "1 - one",
+    "2 - two",
+    "3 - three",
+    "4 - four",
+    "5 - five",
+    "6 - six",
+    "7 - seven",
+    "8 - eight",
+    "9 - nine",
+]
+# Fallback when stl10_binary/class_names.txt is absent (torchvision then sets no .classes).
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+
+def _cache_root(source: str) -> Path:
+    """Default download/cache location, kept per source so datasets never collide."""
+    return Path("~/.cache/sslpipe").expanduser() / source
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageSet
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageSet:
+    """A loaded split: uint8 pixels (N, C, H, W) plus optional labels, ids and provenance.
+
+    Kept as plain numpy so it pickles cheaply to Ray workers and hashes deterministically.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    ids: list[str] | None
+    class_names: list[str] | None
+    source: str
+    split: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Fail early on internal inconsistencies instead of mis-aligned labels much later.
+        if self.images.ndim != 4 or self.images.dtype != np.uint8 or self.images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W) with C in (1, 3), got {self.images.dtype} {self.images.shape}"
+            )
+        n = len(self.images)
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=np.int64)
+            if self.labels.shape != (n,):
+                raise ValueError(f"labels shape {self.labels.shape} does not match {n} images")
+        if self.ids is not None and len(self.ids) != n:
+            raise ValueError(f"{len(self.ids)} ids for {n} images")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W)."""
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageSet":
+        """Select images by index (or boolean mask), keeping labels/ids aligned and `skipped` as is."""
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise ValueError(f"boolean mask of shape {idx.shape} for {len(self)} images")
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64, copy=False).reshape(-1)
+        return ImageSet(
+            images=self.images[idx],
+            labels=None if self.labels is None else self.labels[idx],
+            ids=None if self.ids is None else [self.ids[i] for i in idx.tolist()],
+            class_names=None if self.class_names is None else list(self.class_names),
+            source=self.source,
+            split=self.split,
+            skipped=list(self.skipped),
+        )
+
+    def fingerprint(self) -> str:
+        """Short sha256 identifying the exact pixels/labels a model was trained on (logged to MLflow).
+
+        Ids and skipped files are left out on purpose: the same pixels under another path are the
+        same training data.
+        """
+        images = np.ascontiguousarray(self.images)
+        h = hashlib.sha256()
+        h.update(f"{self.source}\0{self.split}\0{images.shape}\0".encode())
+        h.update(hashlib.sha256(memoryview(images).cast("B")).digest())
+        if self.labels is None:
+            h.update(b"nolabels")
+        else:
+            h.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
+        return h.hexdigest()[:16]
+
+
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """Repeat a single channel to 3 (N, 1, H, W) -> (N, 3, H, W); 3-channel input is returned as is.
+
+    Many backbones expect RGB; doing this lazily keeps grayscale sets 3x smaller in memory.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W), got shape {images.shape}")
+    if images.shape[1] == 3:
+        return images
+    if images.shape[1] == 1:
+        return np.repeat(images, 3, axis=1)
+    raise ValueError(f"expected 1 or 3 channels, got {images.shape[1]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def load_images(
+    source: str,
+    split: str = "train",
+    *,
+    root: str | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    classes: list[int] | None = None,
+    max_image_pixels: int = 89_478_485,
+    log: Callable[[str], object] = print,
+) -> ImageSet:
+    """Load one split of a data source as an :class:`ImageSet`.
+
+    - ``image_size``: array sources keep their native size when None, otherwise they are resized
+      (shorter side, bilinear with antialias) and center-cropped to a square; folders always are,
+      default 64.
+    - ``classes``: keep only these label values (labels are not renumbered, so they still match
+      ``class_names``).
+    - ``subset``: seeded random subset of that size, stratified by label when there are labels,
+      returned in original order. For folders it is drawn before decoding (so huge folders stay
+      cheap); files that then fail to decode make the result a little smaller.
+    - ``max_image_pixels``: folder images larger than this are skipped (decompression-bomb guard).
+    """
+    if source not in SOURCES:
+        raise DataError(f"unknown data source {source!r}; known sources: {', '.join(SOURCES)}")
+    if split not in SPLITS[source]:
+        raise DataError(f"unknown split {split!r} for source {source!r}; known splits: {', '.join(SPLITS[source])}")
+    if image_size is not None and (not isinstance(image_size, (int, np.integer)) or image_size < 1):
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    if subset is not None and (not isinstance(subset, (int, np.integer)) or subset < 1):
+        raise DataError(f"subset must be a positive integer, got {subset!r}")
+    if classes is not None:
+        if isinstance(classes, (str, bytes)) or not all(isinstance(c, (int, np.integer)) for c in classes):
+            raise DataError(f"classes must be a list of integer labels, got {classes!r}")
+        if len(classes) == 0:
+            raise DataError("classes is an empty list; leave it out to keep all classes")
+
+    if source == "folder":
+        return _load_folder(
+            root,
+            split,
+            image_size=image_size,
+            subset=subset,
+            seed=seed,
+            classes=classes,
+            max_image_pixels=max_image_pixels,
+            log=log,
+        )
+
+    if source in ("fashion-mnist", "mnist"):
+        images, labels, class_names, where = _load_idx_source(source, split, root, download, log)
+    elif source in ("cifar10", "cifar100"):
+        images, labels, class_names, where = _load_cifar(source, split, root, download)
+    elif source == "stl10":
+        images, labels, class_names, where = _load_stl10(split, root, download)
+    else:  # digits
+        images, labels, class_names, where = _load_digits(split)
+
+    keep = _select(labels, class_names, classes, subset, seed, source, len(images))
+    if keep is not None:
+        images = images[keep]
+        labels = None if labels is None else labels[keep]
+    if len(images) == 0:
+        raise DataError(f"{source} {split}: no images left after filtering (classes={classes})")
+    if image_size is not None and images.shape[2:] != (image_size, image_size):
+        images = _resize_array(images, image_size)
+
+    out = ImageSet(
+        images=np.ascontiguousarray(images),
+        labels=labels,
+        ids=None,
+        class_names=class_names,
+        source=source,
+        split=split,
+        skipped=[],
+    )
+    log(f"loaded {source}/{split}: {len(out)} images {out.channels}x{out.image_size[0]}x{out.image_size[1]} from {where}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection (classes filter + stratified subset)
+# ----------------------------------------------------------------------------------------------
+
+
+def _select(
+    labels: np.ndarray | None,
+    class_names: list[str] | None,
+    classes: list[int] | None,
+    subset: int | None,
+    seed: int,
+    what: str,
+    n: int,
+) -> np.ndarray | None:
+    """Indices to keep (sorted), or None to keep everything."""
+    idx = np.arange(n)
+    if classes is not None:
+        if labels is None:
+            raise DataError(f"{what}: 'classes' was given but this source has no labels")
+        wanted = sorted({int(c) for c in classes})
+        if class_names is not None:
+            bad = [c for c in wanted if not 0 <= c < len(class_names)]
+            if bad:
+                raise DataError(
+                    f"{what}: unknown class labels {bad}; valid labels are 0..{len(class_names) - 1}"
+                )
+        idx = idx[np.isin(labels, wanted)]
+    if subset is not None and subset < len(idx):
+        idx = _stratified_subset(idx, None if labels is None else labels[idx], subset, seed)
+    if len(idx) == n:
+        return None
+    return idx
+
+
+def _stratified_subset(idx: np.ndarray, labels: np.ndarray | None, k: int, seed: int) -> np.ndarray:
+    """Seeded subset of `k` from `idx`; per-label quotas by largest remainder so class balance is kept."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return np.sort(rng.choice(idx, size=k, replace=False))
+    values, counts = np.unique(labels, return_counts=True)
+    exact = counts * (k / counts.sum())
+    quota = np.floor(exact).astype(np.int64)
+    remainder = k - int(quota.sum())
+    if remainder:
+        # Largest fractional parts first; ties go to the smaller label (deterministic, seed-free).
+        order = np.lexsort((values, -(exact - quota)))
+        quota[order[:remainder]] += 1
+    picked = []
+    for value, q in zip(values, quota):
+        if q:
+            members = idx[labels == value]
+            picked.append(rng.choice(members, size=int(q), replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def _resize_array(images: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:
+    """Resize uint8 NCHW so the shorter side is `size`, then center-crop to size x size."""
+    import torch
+    import torch.nn.functional as F
+
+    n, c, h, w = images.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    out = np.empty((n, c, size, size), dtype=np.uint8)
+    for start in range(0, n, chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + chunk])).float()
+        y = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        y = y[:, :, top : top + size, left : left + size]
+        out[start : start + chunk] = y.round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# idx sources: fashion-mnist, mnist
+# ----------------------------------------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an idx file (plain or .gz): 2 zero bytes, dtype code, ndim, big-endian int32 dims, data."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read idx file {path}: {e}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an idx file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated idx header")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: idx data has {len(raw) - header} bytes, header {dims} implies {expected}")
+    # Copy: frombuffer over bytes is read-only, and callers may modify images in place.
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).copy()
+
+
+def _find_idx_pair(folder: Path, prefix: str) -> tuple[Path, Path] | None:
+    """Images/labels idx files for `prefix` ("train" or "t10k") in `folder`, plain preferred over .gz."""
+
+    def find(stem: str) -> Path | None:
+        for name in (stem, stem + ".gz"):
+            p = folder / name
+            if p.is_file():
+                return p
+        return None
+
+    images = find(f"{prefix}-images-idx3-ubyte")
+    labels = find(f"{prefix}-labels-idx1-ubyte")
+    if images is None or labels is None:
+        return None
+    return images, labels
+
+
+def _idx_candidates(base: Path, tv_name: str) -> list[Path]:
+    """A folder holding the idx files directly, or torchvision's <base>/<Name>/raw layout."""
+    return [base, base / tv_name / "raw"]
+
+
+def _load_idx_source(
+    source: str, split: str, root: str | None, download: bool, log: Callable[[str], object]
+) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """fashion-mnist / mnist: find the idx files (or download them via torchvision) and parse them."""
+    tv_name = "FashionMNIST" if source == "fashion-mnist" else "MNIST"
+    class_names = FASHION_MNIST_CLASSES if source == "fashion-mnist" else MNIST_CLASSES
+    prefix = "train" if split == "train" else "t10k"
+
+    if root is not None:
+        base = Path(root).expanduser()
+        candidates = _idx_candidates(base, tv_name)
+        download_root = base
+    else:
+        candidates = []
+        if source == "fashion-mnist":
+            candidates.append(Path(DEBIAN_FASHION_MNIST))
+        base = _cache_root(source)
+        candidates += _idx_candidates(base, tv_name)
+        download_root = base
+
+    pair = None
+    for folder in candidates:
+        pair = _find_idx_pair(folder, prefix)
+        if pair is not None:
+            break
+
+    if pair is None and download:
+        import torchvision.datasets as tvd
+
+        log(f"downloading {source} to {download_root}")
+        try:
+            getattr(tvd, tv_name)(root=str(download_root), train=(split == "train"), download=True)
+        except Exception as e:  # network/disk problems all mean "could not get the data"
+            raise DataError(f"{source}: download to {download_root} failed: {e}") from e
+        pair = _find_idx_pair(download_root / tv_name / "raw", prefix)
+
+    if pair is None:
+        looked = ", ".join(str(c) for c in candidates)
+        hints = []
+        if source == "fashion-mnist":
+            hints.append(f"install the Debian package dataset-fashion-mnist (files in {DEBIAN_FASHION_MNIST})")
+        hints.append("pass root: a folder with the idx files")
+        hints.append("or set download: true")
+        raise DataError(
+            f"{source} {split} idx files ({prefix}-images-idx3-ubyte[.gz], {prefix}-labels-idx1-ubyte[.gz]) "
+            f"not found; looked in {looked}. Fix: " + "; ".join(hints)
+        )
+
+    images_path, labels_path = pair
+    images = _read_idx(images_path)
+    labels = _read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"{images_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{labels_path}: {labels.shape} labels for {len(images)} images in {images_path}")
+    labels = labels.astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise DataError(f"{labels_path}: labels outside 0..{len(class_names) - 1}")
+    return images[:, None, :, :], labels, list(class_names), str(images_path.parent)
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision sources: cifar10, cifar100, stl10
+# ----------------------------------------------------------------------------------------------
+
+# Errors torchvision raises for missing, partial or corrupt files, and for failed downloads.
+_TV_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
+
+
+def _tv_root(source: str, root: str | None) -> Path:
+    return Path(root).expanduser() if root is not None else _cache_root(source)
+
+
+def _tv_error(source: str, base: Path, download: bool, e: Exception) -> DataError:
+    if download:
+        return DataError(f"{source}: could not download or read the dataset in {base}: {e}")
+    return DataError(
+        f"{source}: dataset not found or corrupted in {base} ({e}). "
+        f"Fix: pass root: a folder containing torchvision's {source} files, or set download: true"
+    )
+
+
+def _load_cifar(
+    source: str, split: str, root: str | None, download: bool
+) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """CIFAR-10/100 through torchvision; its `.data` is already a uint8 NHWC array, so just transpose."""
+    import torchvision.datasets as tvd
+
+    base = _tv_root(source, root)
+    cls = tvd.CIFAR10 if source == "cifar10" else tvd.CIFAR100
+    try:
+        ds = cls(root=str(base), train=(split == "train"), download=download)
+    except _TV_ERRORS as e:
+        raise _tv_error(source, base, download, e) from e
+    data = np.asarray(ds.data, dtype=np.uint8)
+    if data.ndim != 4 or data.shape[-1] != 3:
+        raise DataError(f"{source} in {base}: unexpected data shape {data.shape}")
+    images = np.ascontiguousarray(data.transpose(0, 3, 1, 2))
+    labels = np.asarray(ds.targets, dtype=np.int64)
+    return images, labels, list(ds.classes), str(base / cls.base_folder)
+
+
+def _load_stl10(
+    split: str, root: str | None, download: bool
+) -> tuple[np.ndarray, np.ndarray | None, list[str], str]:
+    """STL-10 through torchvision: "train" is the 5k labeled split, "unlabeled" the 100k one."""
+    import torchvision.datasets as tvd
+
+    base = _tv_root("stl10", root)
+    try:
+        ds = tvd.STL10(root=str(base), split=split, download=download)
+    except _TV_ERRORS as e:
+        raise _tv_error("stl10", base, download, e) from e
+    images = np.ascontiguousarray(np.asarray(ds.data, dtype=np.uint8))  # torchvision gives a transposed view
+    labels = None if split == "unlabeled" else np.asarray(ds.labels, dtype=np.int64)
+    class_names = list(getattr(ds, "classes", None) or STL10_CLASSES)
+    return images, labels, class_names, str(base / tvd.STL10.base_folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# digits (sklearn, bundled with the package: always available offline)
+# ----------------------------------------------------------------------------------------------
+
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0
+
+
+def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """8x8 sklearn digits scaled 0..16 -> 0..255, with a fixed stratified 80/20 split.
+
+    The split seed is fixed (not the caller's `seed`) so train and test never overlap.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None, :, :]
+    labels = bunch.target.astype(np.int64)
+    rng = np.random.default_rng(_DIGITS_SPLIT_SEED)
+    is_test = np.zeros(len(labels), dtype=bool)
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        n_test = int(round(len(members) * _DIGITS_TEST_FRACTION))
+        is_test[rng.permutation(members)[:n_test]] = True
+    keep = np.flatnonzero(is_test if split == "test" else ~is_test)
+    return images[keep], labels[keep], [str(i) for i in range(10)], "sklearn.datasets.load_digits"
+
+
+# ----------------------------------------------------------------------------------------------
+# folder
+# ----------------------------------------------------------------------------------------------
+
+_PIL_LOCK = threading.Lock()  # PIL's bomb limit is process-global: one folder decode at a time
+_MAX_DECODE_THREADS = 4
+
+
+def _is_image_file(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """All image files under `folder`, recursively, sorted; hidden files/folders are ignored."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if _is_image_file(f))
+    return sorted(found)
+
+
+def _scan_folder(folder: Path) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
+    """Files, labels and class names of one split folder.
+
+    Labeled (ImageFolder-style) when the folder holds no images itself and at least two
+    sub-folders contain images: labels are indices into the sorted sub-folder names that have
+    images. Anything else is an unlabeled (flat or recursive) collection.
+    """
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    loose = [e for e in entries if e.is_file() and _is_image_file(e.name)]
+    if not loose:
+        per_class = []
+        for e in entries:
+            if e.is_dir() and not e.name.startswith("."):
+                files = _walk_images(Path(e.path))
+                if files:
+                    per_class.append((e.name, files))
+        if len(per_class) >= 2:
+            files, labels = [], []
+            for label, (_, class_files) in enumerate(per_class):
+                files.extend(class_files)
+                labels.extend([label] * len(class_files))
+            return files, np.asarray(labels, dtype=np.int64), [name for name, _ in per_class]
+    return _walk_images(folder), None, None
+
+
+class _Skip(Exception):
+    """A file that is unreadable for a reason we can state plainly."""
+
+
+def _to_rgb_pil(im):
+    """Any PIL mode -> RGB. Alpha is composited on white; 16/32-bit grayscale is rescaled, not clipped."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im)
+        if mode.startswith("I;16"):
+            arr = arr.astype(np.float64) / 257.0
+        elif mode == "I" and arr.size and arr.max() > 255:
+            # PNG 16-bit grayscale can arrive as 'I' with values up to 65535.
+            arr = arr.astype(np.float64) / 257.0
+        gray = np.rint(np.clip(arr, 0, 255)).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode in ("LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def _decode_one(path: Path, size: int, max_pixels: int) -> np.ndarray:
+    """Decode one file to uint8 (size, size, 3): RGB, shorter side resized to `size`, center-cropped."""
+    from PIL import Image, ImageOps
+
+    if path.stat().st_size == 0:
+        raise _Skip("empty file (0 bytes)")
+    with Image.open(path) as im:
+        w, h = im.size
+        if w * h > max_pixels:
+            # Checked on the header, before any pixel is decoded.
+            raise _Skip(
+                f"image size {w}x{h} = {w * h} pixels exceeds max_image_pixels={max_pixels} "
+                "(decompression bomb guard)"
+            )
+        im.draft(None, (size, size))  # JPEG: let libjpeg downscale while decoding (never below size)
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        im = _to_rgb_pil(im)
+        w, h = im.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im, dtype=np.uint8)
+    if arr.shape != (size, size, 3):
+        raise _Skip(f"decoded to unexpected shape {arr.shape}")
+    return arr
+
+
+def _try_decode(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    from PIL import Image
+
+    try:
+        return _decode_one(path, size, max_pixels), None
+    except _Skip as e:
+        return None, str(e)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL checks while reading the header; its message carries the pixel count.
+        return None, f"exceeds max_image_pixels={max_pixels} (decompression bomb guard): {e}"
+    except MemoryError:
+        raise
+    except Exception as e:  # any decoder failure means "this file is unreadable": skip it
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _load_folder(
+    root: str | None,
+    split: str,
+    *,
+    image_size: int | None,
+    subset: int | None,
+    seed: int,
+    classes: list[int] | None,
+    max_image_pixels: int,
+    log: Callable[[str], object],
+) -> ImageSet:
+    """Images from a directory.
+
+    Split: if `root` has a ``train/`` sub-folder and a ``test/`` (or ``val/``) one, they are the
+    splits. Otherwise the whole folder is the "train" split and "test" returns the same images:
+    unlabeled collections are evaluated on themselves.
+    """
+    if root is None:
+        raise DataError("source 'folder' needs root: the directory that holds the images")
+    base = Path(root).expanduser()
+    if not base.exists():
+        raise DataError(f"folder {base} does not exist")
+    if not base.is_dir():
+        raise DataError(f"folder source root {base} is not a directory")
+
+    test_dir = next((base / n for n in ("test", "val") if (base / n).is_dir()), None)
+    if (base / "train").is_dir() and test_dir is not None:
+        folder = base / "train" if split == "train" else test_dir
+    else:
+        folder = base
+        if split == "test":
+            log(f"folder {base} has no train/ and test/ sub-folders: split 'test' uses the same images as 'train'")
+
+    try:
+        files, labels, class_names = _scan_folder(folder)
+    except OSError as e:
+        raise DataError(f"cannot list folder {folder}: {e}") from e
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+
+    keep = _select(labels, class_names, classes, subset, seed, f"folder {folder}", len(files))
+    if keep is not None:
+        files = [files[i] for i in keep.tolist()]
+        labels = None if labels is None else labels[keep]
+    if not files:
+        raise DataError(f"folder {folder}: no images left after filtering (classes={classes})")
+
+    size = DEFAULT_FOLDER_IMAGE_SIZE if image_size is None else int(image_size)
+    images = np.empty((len(files), 3, size, size), dtype=np.uint8)
+    ok = np.zeros(len(files), dtype=bool)
+    skipped: list[tuple[str, str]] = []
+
+    from PIL import Image, ImageFile
+
+    with _PIL_LOCK:
+        old_limit, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
+        ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must be skipped, not half-decoded
+        try:
+            with warnings.catch_warnings():
+                # Make PIL's bomb *warning* an exception in the workers so it becomes a skip.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                workers = max(1, min(_MAX_DECODE_THREADS, len(files)))
+                with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                    results = pool.map(lambda p: _try_decode(p, size, max_image_pixels), files)
+                    for i, (path, (arr, reason)) in enumerate(zip(files, results)):
+                        if arr is None:
+                            skipped.append((str(path), reason))
+                            log(f"skipped {path}: {reason}")
+                        else:
+                            images[i] = arr.transpose(2, 0, 1)
+                            ok[i] = True
+        finally:
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_limit, old_truncated
+
+    if not ok.any():
+        raise DataError(
+            f"folder {folder}: none of {len(files)} image files could be read; first: "
+            f"{skipped[0][0]}: {skipped[0][1]}"
+        )
+    if skipped:
+        images = images[ok]
+        labels = None if labels is None else labels[ok]
+        files = [f for f, good in zip(files, ok.tolist()) if good]
+    log(
+        f"loaded folder {folder} ({split}): {len(files)} images 3x{size}x{size}"
+        + (f", {len(class_names)} classes" if class_names else ", unlabeled")
+        + f"; skipped {len(skipped)} unreadable file(s)"
+    )
+    return ImageSet(
+        images=images,
+        labels=labels,
+        ids=[str(f) for f in files],
+        class_names=class_names,
+        source="folder",
+        split=split,
+        skipped=skipped,
+    )

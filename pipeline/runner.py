@@ -1,0 +1,249 @@
+"""Runs a pipeline: stages in order, each in its own nested MLflow run, results in summary.json.
+
+The driver loads the data once and puts it in Ray's object store; training stages run under Ray Train
+(`pipeline.trainer`), the evaluate stage embeds and clusters on the driver (or a GPU task). After every
+stage the summary is rewritten atomically, so a crash never loses a finished stage's results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.config import EvaluateStage, PipelineConfig, PretextStage, dump_config, flatten
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def fingerprint(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+def channel_stats(images: np.ndarray, in_chans: int, max_images: int = 20000) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the training images as the backbone will see them (saved in the artifact)."""
+    sample = images[:max_images].astype(np.float32) / 255.0
+    if sample.shape[1] == 1 and in_chans == 3:
+        sample = np.repeat(sample, 3, axis=1)
+    elif sample.shape[1] == 3 and in_chans == 1:
+        sample = (sample * np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(1, 3, 1, 1)).sum(1, keepdims=True)
+    mean = sample.mean(axis=(0, 2, 3))
+    std = np.maximum(sample.std(axis=(0, 2, 3)), 1e-3)
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+class PipelineRun:
+    def __init__(self, config: PipelineConfig, output_dir: Path, log: Callable[[str], None] = log) -> None:
+        self.config = config
+        self.output_dir = output_dir.resolve()
+        self.log = log
+        self.summary: dict[str, Any] = {"pipeline": config.name, "stages": {}}
+        self.results: dict[str, StageResult] = {}
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        from pipeline.data import load_images
+
+        d, cfg = self.config.data, self.config
+        common = dict(root=d.root, download=d.download, image_size=d.load_size, seed=cfg.seed,
+                      max_image_pixels=d.max_image_pixels, log=self.log)
+        self.train = load_images(d.source, d.train_split, subset=d.train_subset, classes=d.train_classes, **common)
+        self.log(f"data: {d.source}/{d.train_split}: {len(self.train)} images {self.train.images.shape[1:]}")
+        self.evalset = None
+        if any(s.kind == "evaluate" for s in cfg.stages):
+            self.evalset = load_images(d.source, d.eval_split, subset=d.eval_subset, classes=d.eval_classes, **common)
+            self.log(f"data: {d.source}/{d.eval_split}: {len(self.evalset)} images for evaluation")
+        self.data_fingerprint = self.train.fingerprint()
+
+    def _stage_dir(self, name: str) -> Path:
+        path = self.output_dir / "stages" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # -- stages ---------------------------------------------------------------------------------
+    def _run_pretext(self, stage: PretextStage, run_id: str, fp: str) -> StageResult:
+        import ray
+
+        from pipeline.trainer import TrainJob, fit_stage
+
+        cfg = self.config
+        if self.train.channels == 1 and self._method_requires_color(stage.method):
+            from pipeline.data import DataError
+
+            raise DataError(f"stage '{stage.name}': method '{stage.method}' needs colour images; "
+                            f"data source '{cfg.data.source}' is grayscale")
+        init_artifact = None
+        if stage.input:
+            init_artifact = self.results[stage.input].artifacts["backbone"]
+        mean, std = channel_stats(self.train.images, cfg.backbone.in_chans)
+        if not hasattr(self, "_data_ref"):
+            self._data_ref = ray.put(self.train.images)
+        job = TrainJob(
+            stage=stage.model_dump(mode="json"),
+            backbone=cfg.backbone.model_dump(mode="json"),
+            seed=cfg.seed,
+            data=[self._data_ref],
+            mean=mean,
+            std=std,
+            init_artifact=init_artifact,
+            tracking_uri=self.tracking_uri,
+            run_id=run_id,
+            provenance={
+                "pipeline": cfg.name,
+                "source_stage": stage.name,
+                "method": stage.method,
+                "stage_fingerprint": fp,
+                "data_fingerprint": self.data_fingerprint,
+                "data_source": cfg.data.source,
+                "stage_config": stage.model_dump(mode="json"),
+            },
+        )
+        stage_dir = self._stage_dir(stage.name)
+        storage = cfg.ray.storage_path or str(self.output_dir / "ray")
+        fit = fit_stage(job, ray_cfg=cfg.ray.model_dump(mode="json"), storage_path=storage,
+                        run_name=f"{cfg.name}-{stage.name}-{fp[:8]}", workdir=stage_dir)
+        backbone_dir = stage_dir / "backbone"
+        if backbone_dir.exists():
+            shutil.rmtree(backbone_dir)
+        shutil.copytree(fit.checkpoint_dir / "backbone", backbone_dir)
+        shutil.rmtree(fit.checkpoint_dir, ignore_errors=True)
+        metrics = {k: v for k, v in fit.metrics.items() if isinstance(v, (int, float))}
+        return StageResult(metrics=metrics, artifacts={"backbone": str(backbone_dir), "checkpoints": fit.storage})
+
+    @staticmethod
+    def _method_requires_color(method: str) -> bool:
+        from pretext import method_class
+
+        return bool(getattr(method_class(method), "requires_color", False))
+
+    def _run_evaluate(self, stage: EvaluateStage) -> StageResult:
+        from pipeline.evaluate import evaluate
+
+        artifact = None if stage.input == "pixels" else Path(self.results[stage.input].artifacts["backbone"])
+        metrics, artifacts = evaluate(
+            stage.model_dump(mode="json"), artifact=artifact, train=self.train, evalset=self.evalset,
+            out_dir=self._stage_dir(stage.name), seed=self.config.seed, log=self.log,
+        )
+        return StageResult(metrics=metrics, artifacts=artifacts)
+
+    # -- main -----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from pipeline.tracking import Tracker, default_uri
+        from pipeline.trainer import ray_init
+
+        cfg, out = self.config, self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = out / "config.resolved.yaml"
+        resolved.write_text(dump_config(cfg))
+        self.tracking_uri = cfg.tracking.uri or default_uri(out)
+        tracker = Tracker(self.tracking_uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
+        self._load_data()
+
+        parent = tracker.start_run(cfg.tracking.run_name or cfg.name, tags={"sslpipe.pipeline": cfg.name})
+        self.summary.update(tracking_uri=self.tracking_uri, parent_run_id=parent,
+                            data_fingerprint=self.data_fingerprint, output_dir=str(out))
+        tracker.log_params(parent, flatten({k: v for k, v in cfg.model_dump(mode="json").items() if k != "stages"}))
+        tracker.log_artifact(parent, resolved)
+        tracker.set_tags(parent, {"sslpipe.data_fingerprint": self.data_fingerprint})
+        skipped = len(self.train.skipped) + (len(self.evalset.skipped) if self.evalset is not None else 0)
+        tracker.log_metrics(parent, {"data_train_images": len(self.train), "data_skipped_files": skipped})
+        if skipped:
+            lines = [f"{p}\t{reason}" for p, reason in self.train.skipped + (self.evalset.skipped if self.evalset else [])]
+            tracker.log_text(parent, "\n".join(lines) + "\n", "skipped_files.tsv")
+
+        if any(s.kind == "pretext" for s in cfg.stages):
+            ray_init(cfg.ray.address)
+
+        status = "FAILED"
+        try:
+            for index, stage in enumerate(cfg.stages, start=1):
+                inp = getattr(stage, "input", None)
+                upstream = self.results[inp].fingerprint if inp and inp in self.results else inp
+                fp = fingerprint(stage.model_dump(mode="json"), cfg.backbone.model_dump(mode="json"),
+                                 cfg.seed, self.data_fingerprint, upstream)
+                self.log(f"== stage {index}/{len(cfg.stages)}: {stage.name} ({stage.kind}"
+                         f"{' ' + stage.method if stage.kind == 'pretext' else ''}) ==")
+                run_id = tracker.start_run(stage.name, parent_id=parent,
+                                           tags={"sslpipe.stage": stage.name, "sslpipe.kind": stage.kind,
+                                                 "sslpipe.fingerprint": fp})
+                tracker.log_params(run_id, flatten(stage.model_dump(mode="json")))
+                started = time.time()
+                try:
+                    if stage.kind == "pretext":
+                        result = self._run_pretext(stage, run_id, fp)
+                    else:
+                        result = self._run_evaluate(stage)
+                except BaseException:
+                    tracker.end_run(run_id, "FAILED")
+                    raise
+                result.fingerprint = fp
+                result.metrics["stage_time_s"] = time.time() - started
+                self.results[stage.name] = result
+                if stage.kind == "pretext":  # per-epoch metrics were logged by the rank-0 worker
+                    tracker.log_metrics(run_id, {"stage_time_s": result.metrics["stage_time_s"]})
+                else:
+                    tracker.log_metrics(run_id, result.metrics)
+                for key, path in result.artifacts.items():
+                    if key != "checkpoints":
+                        tracker.log_artifact(run_id, path, artifact_path=key if Path(path).is_dir() else None)
+                tracker.end_run(run_id, "FINISHED")
+                self.summary["stages"][stage.name] = {
+                    "kind": stage.kind,
+                    "fingerprint": fp,
+                    "run_id": run_id,
+                    "metrics": result.metrics,
+                    "artifacts": result.artifacts,
+                }
+                write_json_atomic(out / "summary.json", self.summary)
+            status = "FINISHED"
+        finally:
+            tracker.end_run(parent, status if sys.exc_info()[0] is None else "FAILED")
+            write_json_atomic(out / "summary.json", self.summary)
+        tracker.log_artifact(parent, out / "summary.json")
+        return self.summary
+
+
+TABLE_METRICS = ("loss", "images_per_sec", "knn_accuracy", "nmi", "ari", "cluster_accuracy", "purity", "stage_time_s")
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """A plain-text table: one row per stage, the headline metrics as columns."""
+    stages = summary.get("stages", {})
+    cols = [m for m in TABLE_METRICS if any(m in s["metrics"] for s in stages.values())]
+    header = ["stage", "kind"] + cols
+    rows = []
+    for name, s in stages.items():
+        row = [name, s.get("kind", "")]
+        for m in cols:
+            v = s["metrics"].get(m)
+            row.append("-" if v is None else (f"{v:.0f}" if m in ("images_per_sec", "stage_time_s") else f"{v:.4f}"))
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+    lines += [fmt.format(*r) for r in rows]
+    return "\n".join(lines)

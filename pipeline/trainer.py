@@ -1,0 +1,374 @@
+"""The one Ray Train worker loop shared by every training stage.
+
+`train_worker` runs on each Ray Train worker: it builds the backbone and the stage's method, wraps it
+for DDP with `prepare_model`, splits the in-memory images with a distributed sampler, trains with a
+warmup + cosine schedule (bf16 autocast and channels_last when asked), reports metrics and a
+checkpoint with `ray.train.report`, and resumes from `ray.train.get_checkpoint()` after a failure.
+
+`fit_stage` is the driver side: it builds the `TorchTrainer` from the config and returns the final
+checkpoint, from which the stage takes its backbone artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from downstream.embeddings import match_channels
+
+STATE_FILE = "state.safetensors"
+OPTIM_FILE = "optimizer.pt"
+PROGRESS_FILE = "progress.json"
+BACKBONE_DIR = "backbone"
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs; plain data so it pickles cheaply to every worker."""
+
+    stage: dict[str, Any]  # PretextStage.model_dump()
+    backbone: dict[str, Any]  # BackboneConfig.model_dump()
+    seed: int
+    data: list  # [ray.ObjectRef of a uint8 (N, C, H, W) array]; a list so the ref travels as a ref
+    mean: list[float]
+    std: list[float]
+    init_artifact: str | None = None
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf: the stage stops and the last good checkpoint is kept."""
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup then cosine decay to `min_ratio` of the base rate."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(groups: list[dict], cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    name, lr = cfg["name"], cfg["lr"]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg["momentum"], nesterov=True)
+    if name == "lars":
+        from lightly.utils.lars import LARS
+
+        return LARS(groups, lr=lr, momentum=cfg["momentum"])
+    raise ValueError(f"unknown optimizer {name}")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them bf16 autocast on a CPU is emulated and much slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _log_mlflow(uri: str | None, run_id: str | None, metrics: dict[str, float], step: int) -> None:
+    if not run_id:
+        return
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+    MlflowClient(tracking_uri=uri).log_batch(run_id, metrics=items)
+
+
+def build_stage_method(job: TrainJob, device: torch.device):
+    """Backbone (fresh or from the input artifact) wrapped in the stage's method."""
+    from pipeline.backbones import build_backbone, load_backbone, read_backbone_meta
+    from pretext import build_method
+
+    bb = job.backbone
+    if job.init_artifact:
+        meta = read_backbone_meta(job.init_artifact)
+        backbone = load_backbone(job.init_artifact)
+        feature_dim = meta["feature_dim"]
+        backbone.train()
+    else:
+        backbone, feature_dim = build_backbone(
+            bb["name"], small_image_stem=bb["small_image_stem"], stem_stride=bb["stem_stride"],
+            in_chans=bb["in_chans"], kwargs=bb["kwargs"],
+        )
+    stage = job.stage
+    method = build_method(
+        stage["method"],
+        backbone,
+        feature_dim,
+        stage["settings"],
+        input_size=bb["image_size"],
+        mean=job.mean,
+        std=job.std,
+        channels_last=stage["channels_last"],
+    )
+    method.to(device)
+    if stage["channels_last"]:
+        method.to(memory_format=torch.channels_last)
+    return method, feature_dim
+
+
+def save_checkpoint(directory: Path, method, optimizer, scheduler, progress: dict, job: TrainJob, feature_dim: int) -> None:
+    """Full training state plus a ready-to-use backbone artifact (the driver copies it out)."""
+    from safetensors.torch import save_file
+
+    from pipeline.backbones import save_backbone
+
+    state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    save_file(state, str(directory / STATE_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / OPTIM_FILE)
+    (directory / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+    bb = job.backbone
+    save_backbone(
+        directory / BACKBONE_DIR,
+        method.backbone,
+        name=bb["name"],
+        small_image_stem=bb["small_image_stem"],
+        stem_stride=bb["stem_stride"],
+        in_chans=bb["in_chans"],
+        kwargs=bb["kwargs"],
+        feature_dim=feature_dim,
+        input_size=bb["image_size"],
+        mean=job.mean,
+        std=job.std,
+        provenance={**job.provenance, "epochs_trained": progress["epoch"] + 1, "extras": method.artifact_extras()},
+    )
+
+
+def load_checkpoint(directory: Path, method, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    method.load_state_dict(load_file(str(directory / STATE_FILE)), strict=True)
+    opt = torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    return json.loads((directory / PROGRESS_FILE).read_text())
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (one per worker)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DistributedSampler
+
+    import logging
+
+    for name in ("ray.train", "ray.train.v2", "ray.train.v2._internal.execution.context"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # our own progress lines are enough
+    job = TrainJob(**config["job"])
+    stage = job.stage
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(job.seed * 1000 + rank)
+    np.random.seed(job.seed * 1000 + rank)
+
+    images = ray.get(job.data[0])  # read-only uint8 (N, C, H, W) from the object store
+    num_images = len(images)
+    method, feature_dim = build_stage_method(job, device)
+    model = ray.train.torch.prepare_model(method)
+    raw = _unwrap(model)
+
+    sampler = DistributedSampler(range(num_images), num_replicas=world, rank=rank, shuffle=True, seed=job.seed, drop_last=True)
+    local_batch = max(2, stage["batch_size"] // world)
+    if len(sampler) < local_batch:
+        local_batch = len(sampler)
+    steps_per_epoch = len(sampler) // local_batch
+    if steps_per_epoch < 1 or local_batch < 2:
+        raise ValueError(
+            f"stage '{stage['name']}': {num_images} images are too few for {world} workers "
+            f"(need at least 2 per worker and batch)"
+        )
+    epochs = stage["epochs"]
+    total_steps = epochs * steps_per_epoch
+    opt_cfg = stage["optimizer"]
+    optimizer = build_optimizer(raw.parameter_groups(opt_cfg["weight_decay"]), opt_cfg)
+    warmup = int(round(opt_cfg["warmup_epochs"] * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, opt_cfg["min_lr_ratio"])
+    )
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            progress = load_checkpoint(Path(ckpt_dir), raw, optimizer, scheduler)
+        start_epoch = progress["epoch"] + 1
+        if rank == 0:
+            print(f"[{stage['name']}] resumed from checkpoint after epoch {start_epoch}/{epochs}", flush=True)
+
+    use_amp = resolve_precision(stage["precision"], device) == "bf16"
+    in_chans = job.backbone["in_chans"]
+    memory_format = torch.channels_last if stage["channels_last"] else torch.contiguous_format
+    pin = device.type == "cuda"
+    tag = f"[{stage['name']}]"
+    stage_start = time.time()
+    steps_done_here = 0
+    if rank == 0:
+        print(
+            f"{tag} {world} worker(s) on {device.type}, precision {'bf16' if use_amp else 'fp32'}"
+            f"{', channels_last' if stage['channels_last'] else ''}, {num_images} images, "
+            f"batch {local_batch}x{world}, {steps_per_epoch} steps/epoch",
+            flush=True,
+        )
+
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        epoch_start = time.time()
+        for step in range(steps_per_epoch):
+            idx = np.sort(order[step * local_batch : (step + 1) * local_batch])
+            batch = torch.from_numpy(images[idx])
+            if pin:
+                batch = batch.pin_memory()
+            x = batch.to(device, non_blocking=True).float().div_(255.0)
+            x = match_channels(x, in_chans).contiguous(memory_format=memory_format)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model(x)
+            loss = out["loss"]
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(
+                    f"stage '{stage['name']}': loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    f"lower optimizer.lr or use precision: fp32. The last good checkpoint is kept."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            global_step = epoch * steps_per_epoch + step
+            raw.after_optimizer_step((global_step + 1) / total_steps)
+            for key, value in out.items():
+                value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+                sums[key] = sums.get(key, 0.0) + value
+            steps_done_here += 1
+            if rank == 0 and ((step + 1) % stage["log_every_steps"] == 0 or step + 1 == steps_per_epoch):
+                elapsed = time.time() - stage_start
+                remaining = (epochs - epoch) * steps_per_epoch - (step + 1)
+                rate = local_batch * world * (step + 1) / max(1e-9, time.time() - epoch_start)
+                eta = elapsed / steps_done_here * remaining
+                print(
+                    f"{tag} epoch {epoch + 1}/{epochs} step {step + 1}/{steps_per_epoch} "
+                    f"loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e} img/s {rate:.0f} ETA {_format_eta(eta)}",
+                    flush=True,
+                )
+        epoch_time = time.time() - epoch_start
+        means = {k: (v / steps_per_epoch) for k, v in sums.items()}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            keys = sorted(means)
+            stacked = torch.stack([means[k].to(device) for k in keys])
+            torch.distributed.all_reduce(stacked)
+            means = {k: stacked[i] / world for i, k in enumerate(keys)}
+        metrics = {k: float(v) for k, v in means.items()}
+        metrics.update(
+            epoch=epoch + 1,
+            lr=float(scheduler.get_last_lr()[0]),
+            images_per_sec=local_batch * world * steps_per_epoch / max(epoch_time, 1e-9),
+            epoch_time_s=epoch_time,
+        )
+        if rank == 0:
+            _log_mlflow(job.tracking_uri, job.run_id, metrics, step=epoch + 1)
+        last = epoch + 1 == epochs
+        if (epoch + 1) % stage["checkpoint_every"] == 0 or last:
+            tmp = Path(tempfile.mkdtemp(prefix="sslpipe-ckpt-"))
+            try:
+                ckpt = None
+                if rank == 0:
+                    save_checkpoint(tmp, raw, optimizer, scheduler, {"epoch": epoch, "metrics": metrics}, job, feature_dim)
+                    ckpt = ray.train.Checkpoint.from_directory(str(tmp))
+                ray.train.report(metrics, checkpoint=ckpt)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+
+
+@dataclass
+class StageFit:
+    metrics: dict[str, Any]
+    checkpoint_dir: Path  # a local copy of the final checkpoint
+    storage: str
+
+
+def fit_stage(job: TrainJob, *, ray_cfg: dict[str, Any], storage_path: str, run_name: str, workdir: Path) -> StageFit:
+    """Run `train_worker` under a TorchTrainer and bring the final checkpoint to `workdir`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    scaling = ScalingConfig(
+        num_workers=ray_cfg["num_workers"],
+        use_gpu=ray_cfg["use_gpu"],
+        resources_per_worker=ray_cfg.get("resources_per_worker") or None,
+    )
+    run_config = RunConfig(
+        name=run_name,
+        storage_path=storage_path,
+        failure_config=FailureConfig(max_failures=ray_cfg["max_failures"]),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+    trainer = TorchTrainer(train_worker, train_loop_config={"job": asdict(job)}, scaling_config=scaling, run_config=run_config)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage '{job.stage['name']}' finished without a checkpoint")
+    target = workdir / "final_checkpoint"
+    if target.exists():
+        shutil.rmtree(target)
+    with result.checkpoint.as_directory() as ckpt_dir:
+        shutil.copytree(ckpt_dir, target)
+    progress = json.loads((target / PROGRESS_FILE).read_text())
+    return StageFit(metrics=progress.get("metrics", {}), checkpoint_dir=target, storage=result.path)
+
+
+def ray_init(address: str | None, *, num_cpus: int | None = None) -> None:
+    """Attach to a cluster (config or RAY_ADDRESS) or start a local Ray; idempotent."""
+    import ray
+
+    # Worker prints go straight to stdout (Ray forwards them once); Train's print patch would double them.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # The dashboard serves the state API that Ray Train's controller polls; without it Train logs warnings.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, **kwargs)

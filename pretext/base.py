@@ -1,0 +1,89 @@
+"""The base class every pretext method implements.
+
+A method wraps a backbone with whatever head and loss its objective needs. The training loop knows
+nothing about the objective: it hands the method a batch of images and gets back a dict with a
+`loss`. Everything a method needs beyond that (views, targets, momentum encoders) lives in its module.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pretext.settings import MethodSettings
+from pretext.transforms import Normalize
+
+
+class Method(nn.Module):
+    """One label-free objective around a backbone.
+
+    Contract used by the pipeline's training loop:
+      - `forward(images)` takes a float batch (B, C, H, W) in [0, 1] on the training device and returns
+        `{"loss": scalar tensor, <metric name>: tensor or float, ...}`. Calling `forward` (not a helper)
+        matters: under DDP only `forward` triggers gradient synchronisation.
+      - `after_optimizer_step(progress)` runs after each optimizer step (momentum updates);
+        `progress` goes from 0 to 1 over the whole stage.
+      - `parameter_groups(weight_decay)` returns optimizer groups (no decay on norms and biases).
+      - `backbone` is what the pipeline saves as the backbone artifact; `artifact_extras()` is saved next
+        to it (e.g. a jigsaw permutation set).
+    """
+
+    name: ClassVar[str] = "base"
+    settings_model: ClassVar[type[MethodSettings]] = MethodSettings
+    # A method that needs colour input (colorization) sets this; the pipeline rejects grayscale data.
+    requires_color: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        settings: MethodSettings,
+        *,
+        input_size: int = 32,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(settings, self.settings_model):
+            settings = self.settings_model.model_validate(settings)
+        self.settings = settings
+        self.backbone = backbone
+        self.feature_dim = int(feature_dim)
+        self.input_size = int(input_size)
+        self.normalize = Normalize(mean, std)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    # -- helpers for subclasses -------------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """Normalize a [0, 1] batch and return pooled backbone features (B, feature_dim)."""
+        x = self.normalize(x).contiguous(memory_format=self.memory_format)
+        return self.backbone(x)
+
+    # -- contract --------------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> dict[str, Any]:
+        return self.training_step(images)
+
+    def training_step(self, images: Tensor) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def after_optimizer_step(self, progress: float) -> None:
+        """Hook for momentum/EMA updates; the default does nothing."""
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Weight decay on weight matrices and kernels only; biases and norm scales are left alone."""
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if not param.requires_grad:
+                continue
+            (decay if param.ndim > 1 else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def artifact_extras(self) -> dict[str, Any]:
+        """JSON-serialisable facts saved with the backbone artifact (e.g. a permutation set)."""
+        return {}

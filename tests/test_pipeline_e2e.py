@@ -1,0 +1,103 @@
+"""End to end: SimCLR under Ray Train with 2 CPU workers on real Fashion-MNIST images, then evaluation
+and clustering, all tracked in MLflow and summarised in summary.json."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import require_fashion_mnist
+from pipeline.config import validate_config
+
+CONFIG = textwrap.dedent(
+    """
+    name: e2e
+    seed: 0
+    data: {source: fashion-mnist, train_subset: 640, eval_subset: 300}
+    backbone: {name: resnet18, small_image_stem: true, image_size: 16}
+    ray: {num_workers: 2, max_failures: 0}
+    stages:
+      - name: simclr
+        kind: pretext
+        method: simclr
+        epochs: 4
+        batch_size: 64
+        log_every_steps: 5
+        optimizer: {name: adamw, lr: 0.002, weight_decay: 0.0001}
+        settings: {temperature: 0.2, augment: {min_scale: 0.3, cj_strength: 0.5, gaussian_blur: 0.0}}
+      - {name: evaluate, kind: evaluate, input: simclr, knn_k: 20, tsne_points: 200, grid_per_cluster: 4}
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_session, tmp_path_factory):
+    require_fashion_mnist()
+    import yaml
+
+    from pipeline.runner import PipelineRun
+
+    out = tmp_path_factory.mktemp("e2e")
+    config = validate_config(yaml.safe_load(CONFIG))
+    summary = PipelineRun(config, out).run()
+    return out, summary
+
+
+def test_summary_has_evaluation_metrics(finished_run):
+    out, summary = finished_run
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["stages"].keys() == {"simclr", "evaluate"}
+    metrics = on_disk["stages"]["evaluate"]["metrics"]
+    for key in ("knn_accuracy", "nmi", "ari", "cluster_accuracy", "purity"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    # 10 classes: a backbone trained for a few steps is still far better than chance at kNN
+    assert metrics["knn_accuracy"] > 0.3
+    artifacts = on_disk["stages"]["evaluate"]["artifacts"]
+    lines = open(artifacts["assignments"]).read().splitlines()
+    assert lines[0].startswith("id,cluster,distance") and len(lines) == 301
+    assert (out / "config.resolved.yaml").exists()
+
+
+def test_loss_drops_and_runs_are_nested_in_mlflow(finished_run):
+    from mlflow.tracking import MlflowClient
+
+    out, summary = finished_run
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["data.source"] == "fashion-mnist"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.info.run_name for r in children} == {"simclr", "evaluate"}
+    simclr = next(r for r in children if r.info.run_name == "simclr")
+    history = [m.value for m in sorted(client.get_metric_history(simclr.info.run_id, "loss"), key=lambda m: m.step)]
+    assert len(history) == 4
+    assert history[-1] < history[0] - 0.05, history
+    assert client.get_metric_history(simclr.info.run_id, "images_per_sec")
+    evaluate = next(r for r in children if r.info.run_name == "evaluate")
+    assert "nmi" in evaluate.data.metrics and "knn_accuracy" in evaluate.data.metrics
+    names = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    assert {"assignments.csv", "cluster_grid.png", "tsne.png"} <= names
+
+
+def test_backbone_artifact_from_mlflow_loads(finished_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.backbones import load_backbone, read_backbone_meta
+
+    out, summary = finished_run
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    run_id = summary["stages"]["simclr"]["run_id"]
+    local = client.download_artifacts(run_id, "backbone", str(tmp_path))
+    model = load_backbone(local)
+    meta = read_backbone_meta(local)
+    assert meta["data_fingerprint"] == summary["data_fingerprint"]
+    assert meta["method"] == "simclr" and meta["epochs_trained"] == 4
+    reference = load_backbone(summary["stages"]["simclr"]["artifacts"]["backbone"])
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(x).numpy(), reference(x).numpy())
