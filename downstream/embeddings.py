@@ -22,11 +22,30 @@ def match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     raise ValueError(f"cannot map {x.shape[1]} channels to {in_chans}")
 
 
+def lab_lightness(rgb: torch.Tensor) -> torch.Tensor:
+    """CIE L* / 100 of sRGB in [0, 1] (D65): what a colorization backbone was trained on."""
+    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    if linear.shape[1] == 3:
+        w = torch.tensor([0.2126729, 0.7151522, 0.0721750], device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
+        y = (linear * w).sum(1, keepdim=True)
+    else:
+        y = linear
+    f = torch.where(y > (6 / 29) ** 3, y.clamp_min(1e-12) ** (1 / 3), y / (3 * (6 / 29) ** 2) + 4 / 29)
+    return (116 * f - 16) / 100
+
+
 def prepare_batch(
-    batch: torch.Tensor, *, input_size: int, mean: Sequence[float], std: Sequence[float], in_chans: int
+    batch: torch.Tensor,
+    *,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    in_chans: int,
+    input_transform: str = "rgb",
 ) -> torch.Tensor:
     """uint8 (B, C, H, W) -> normalized float at the backbone's input size (the evaluation transform)."""
-    x = match_channels(batch.float().div_(255.0), in_chans)
+    x = batch.float().div_(255.0)
+    x = lab_lightness(x) if input_transform == "lab_l" else match_channels(x, in_chans)
     if x.shape[-2:] != (input_size, input_size):
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
@@ -43,6 +62,7 @@ def embed_images(
     mean: Sequence[float],
     std: Sequence[float],
     in_chans: int = 3,
+    input_transform: str = "rgb",
     batch_size: int = 512,
     device: torch.device | str | None = None,
     precision: str = "fp32",
@@ -55,7 +75,8 @@ def embed_images(
     try:
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
-            x = prepare_batch(batch, input_size=input_size, mean=mean, std=std, in_chans=in_chans)
+            x = prepare_batch(batch, input_size=input_size, mean=mean, std=std, in_chans=in_chans,
+                              input_transform=input_transform)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 feats = model(x)
             chunks.append(feats.float().cpu().numpy())

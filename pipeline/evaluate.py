@@ -37,6 +37,7 @@ def backbone_features(artifact: Path, images: np.ndarray, batch_size: int) -> np
         mean=meta["mean"],
         std=meta["std"],
         in_chans=meta["in_chans"],
+        input_transform=meta.get("input_transform", "rgb"),
         batch_size=batch_size,
     )
 

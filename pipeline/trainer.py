@@ -113,35 +113,47 @@ def _log_mlflow(uri: str | None, run_id: str | None, metrics: dict[str, float], 
 
 def build_stage_method(job: TrainJob, device: torch.device):
     """Backbone (fresh or from the input artifact) wrapped in the stage's method."""
-    from pipeline.backbones import build_backbone, load_backbone, read_backbone_meta
-    from pretext import build_method
+    from pipeline.backbones import BackboneError, build_backbone, load_backbone, read_backbone_meta
+    from pretext import build_method, method_class
 
-    bb = job.backbone
+    bb, stage = job.backbone, job.stage
+    backbone_chans = method_class(stage["method"]).backbone_channels or bb["in_chans"]
     if job.init_artifact:
         meta = read_backbone_meta(job.init_artifact)
+        if meta["in_chans"] != backbone_chans:
+            raise BackboneError(
+                f"stage '{stage['name']}': input backbone {job.init_artifact} takes {meta['in_chans']} channel(s), "
+                f"method '{stage['method']}' needs {backbone_chans}"
+            )
         backbone = load_backbone(job.init_artifact)
         feature_dim = meta["feature_dim"]
         backbone.train()
     else:
         backbone, feature_dim = build_backbone(
             bb["name"], small_image_stem=bb["small_image_stem"], stem_stride=bb["stem_stride"],
-            in_chans=bb["in_chans"], kwargs=bb["kwargs"],
+            in_chans=backbone_chans, kwargs=bb["kwargs"],
         )
-    stage = job.stage
     method = build_method(
         stage["method"],
         backbone,
         feature_dim,
         stage["settings"],
         input_size=bb["image_size"],
-        mean=job.mean,
-        std=job.std,
+        mean=job.mean if backbone_chans == len(job.mean) else job.mean[:1] * backbone_chans,
+        std=job.std if backbone_chans == len(job.std) else job.std[:1] * backbone_chans,
         channels_last=stage["channels_last"],
     )
     method.to(device)
     if stage["channels_last"]:
         method.to(memory_format=torch.channels_last)
     return method, feature_dim
+
+
+def batch_channels(method, backbone_cfg: dict[str, Any]) -> int:
+    """Channels of the batches a method receives: 3 for colour methods, else what its backbone takes."""
+    if method.requires_color:
+        return 3
+    return type(method).backbone_channels or backbone_cfg["in_chans"]
 
 
 def save_checkpoint(directory: Path, method, optimizer, scheduler, progress: dict, job: TrainJob, feature_dim: int) -> None:
@@ -155,19 +167,25 @@ def save_checkpoint(directory: Path, method, optimizer, scheduler, progress: dic
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / OPTIM_FILE)
     (directory / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
     bb = job.backbone
+    mean, std = method.input_normalization()
     save_backbone(
         directory / BACKBONE_DIR,
         method.backbone,
         name=bb["name"],
         small_image_stem=bb["small_image_stem"],
         stem_stride=bb["stem_stride"],
-        in_chans=bb["in_chans"],
+        in_chans=type(method).backbone_channels or bb["in_chans"],
         kwargs=bb["kwargs"],
         feature_dim=feature_dim,
         input_size=bb["image_size"],
-        mean=job.mean,
-        std=job.std,
-        provenance={**job.provenance, "epochs_trained": progress["epoch"] + 1, "extras": method.artifact_extras()},
+        mean=mean,
+        std=std,
+        provenance={
+            **job.provenance,
+            "input_transform": method.input_transform,
+            "epochs_trained": progress["epoch"] + 1,
+            "extras": method.artifact_extras(),
+        },
     )
 
 
@@ -203,6 +221,8 @@ def train_worker(config: dict[str, Any]) -> None:
     images = ray.get(job.data[0])  # read-only uint8 (N, C, H, W) from the object store
     num_images = len(images)
     method, feature_dim = build_stage_method(job, device)
+    if world > 1 and method.wants_sync_batchnorm():
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     model = ray.train.torch.prepare_model(method)
     raw = _unwrap(model)
 
@@ -235,7 +255,7 @@ def train_worker(config: dict[str, Any]) -> None:
             print(f"[{stage['name']}] resumed from checkpoint after epoch {start_epoch}/{epochs}", flush=True)
 
     use_amp = resolve_precision(stage["precision"], device) == "bf16"
-    in_chans = job.backbone["in_chans"]
+    in_chans = batch_channels(raw, job.backbone)
     memory_format = torch.channels_last if stage["channels_last"] else torch.contiguous_format
     pin = device.type == "cuda"
     tag = f"[{stage['name']}]"

@@ -17,6 +17,10 @@ if TYPE_CHECKING:  # pragma: no cover
 # name -> "module:Class". A new method is one module plus one line here and one in settings.py.
 METHODS: dict[str, str] = {
     "simclr": "pretext.simclr:SimCLR",
+    "rotation": "pretext.rotation:RotationPrediction",
+    "jigsaw": "pretext.jigsaw:Jigsaw",
+    "colorization": "pretext.colorization:Colorization",
+    "moco": "pretext.moco:MoCo",
 }
 
 

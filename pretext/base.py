@@ -21,7 +21,8 @@ class Method(nn.Module):
 
     Contract used by the pipeline's training loop:
       - `forward(images)` takes a float batch (B, C, H, W) in [0, 1] on the training device and returns
-        `{"loss": scalar tensor, <metric name>: tensor or float, ...}`. Calling `forward` (not a helper)
+        `{"loss": scalar tensor, <metric name>: tensor or float, ...}`. The batch has the backbone's channel
+        count (grayscale data is repeated to 3 channels for RGB backbones), or 3 when `requires_color`. Calling `forward` (not a helper)
         matters: under DDP only `forward` triggers gradient synchronisation.
       - `after_optimizer_step(progress)` runs after each optimizer step (momentum updates);
         `progress` goes from 0 to 1 over the whole stage.
@@ -34,6 +35,11 @@ class Method(nn.Module):
     settings_model: ClassVar[type[MethodSettings]] = MethodSettings
     # A method that needs colour input (colorization) sets this; the pipeline rejects grayscale data.
     requires_color: ClassVar[bool] = False
+    # Channels the backbone takes; None means `backbone.in_chans` from the config (colorization: 1, the L channel).
+    backbone_channels: ClassVar[int | None] = None
+    # How evaluation turns an image batch into backbone input: "rgb" (channel match + normalize) or
+    # "lab_l" (CIE L of the sRGB image, then normalize). Saved in the artifact.
+    input_transform: ClassVar[str] = "rgb"
 
     def __init__(
         self,
@@ -83,6 +89,14 @@ class Method(nn.Module):
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
+
+    def wants_sync_batchnorm(self) -> bool:
+        """True to convert BatchNorm layers to SyncBatchNorm before DDP wrapping (MoCo's BN-leak guard)."""
+        return False
+
+    def input_normalization(self) -> tuple[list[float], list[float]]:
+        """Mean/std applied to backbone input; saved in the artifact so evaluation does the same."""
+        return self.normalize.mean.flatten().tolist(), self.normalize.std.flatten().tolist()
 
     def artifact_extras(self) -> dict[str, Any]:
         """JSON-serialisable facts saved with the backbone artifact (e.g. a permutation set)."""

@@ -7,7 +7,7 @@ long before torch is imported. Each method class in this package points at its s
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -72,7 +72,58 @@ class SimCLRSettings(MethodSettings):
     augment: AugmentSettings = AugmentSettings()
 
 
+class RotationSettings(MethodSettings):
+    """RotNet: all four rotations of every image in the batch, a 4-way classifier on pooled features."""
+
+    head_hidden_dim: int = Field(0, ge=0, description="0: a linear head; else one hidden layer of this size")
+    min_scale: float = Field(0.5, gt=0.0, le=1.0, description="random resized crop before rotating")
+    hf_prob: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class JigsawSettings(MethodSettings):
+    """Jigsaw puzzles: tiles of a grid, shuffled by one of a fixed permutation set, classified by an MLP."""
+
+    grid: Literal[2, 3] = 3
+    num_permutations: int = Field(100, ge=2, le=1000)
+    permutation_seed: int = 0
+    upsample_to: int = Field(96, ge=16, le=512, description="small images are upsampled to this size first")
+    gap: float = Field(0.15, ge=0.0, lt=0.5, description="fraction of a cell left as gap around each tile")
+    color_jitter: float = Field(0.1, ge=0.0, le=1.0, description="per-channel jitter against chromatic shortcuts")
+    gray_prob: float = Field(0.3, ge=0.0, le=1.0)
+    head_hidden_dim: int = Field(512, ge=8)
+
+
+class ColorizationSettings(MethodSettings):
+    """Colorization (Zhang et al. 2016): L in, ab out, classified over quantized ab bins or regressed."""
+
+    loss: Literal["classification", "regression"] = "classification"
+    grid_size: int = Field(10, ge=2, le=50, description="ab quantization step")
+    soft_sigma: float = Field(5.0, gt=0.0, description="soft-encoding Gaussian over the nearest bins")
+    soft_neighbors: int = Field(5, ge=1, le=32)
+    rebalance_lambda: float = Field(0.5, ge=0.0, le=1.0, description="class rebalancing: mix with uniform")
+    annealed_temperature: float = Field(0.38, gt=0.0, le=1.0)
+    decoder_channels: int = Field(128, ge=8)
+    min_scale: float = Field(0.3, gt=0.0, le=1.0, description="random resized crops of the photos")
+
+
+class MoCoSettings(MethodSettings):
+    """MoCo v2 (queue of negatives, momentum key encoder) or v3 (no queue, predictor head)."""
+
+    version: Literal["v2", "v3"] = "v2"
+    temperature: float = Field(0.2, gt=0.0, le=10.0)
+    memory_bank_size: int = Field(4096, ge=0, description="v2 queue length (0 with v3)")
+    momentum: float = Field(0.99, ge=0.0, lt=1.0, description="EMA of the key encoder; ramps to 1 by cosine")
+    hidden_dim: int = Field(512, ge=8)
+    output_dim: int = Field(128, ge=8)
+    shuffle_bn: Literal["shuffle", "sync", "none"] = Field("shuffle", description="BN leak guard under DDP")
+    augment: AugmentSettings = AugmentSettings()
+
+
 # name -> settings model; the matching module and class are in pretext/__init__.py (METHODS).
 METHOD_SETTINGS: dict[str, type[MethodSettings]] = {
     "simclr": SimCLRSettings,
+    "rotation": RotationSettings,
+    "jigsaw": JigsawSettings,
+    "colorization": ColorizationSettings,
+    "moco": MoCoSettings,
 }
