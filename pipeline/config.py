@@ -106,6 +106,7 @@ class PretextStage(StageBase):
     channels_last: bool = False
     checkpoint_every: int = Field(1, ge=1)
     log_every_steps: int = Field(20, ge=1)
+    evaluate: bool = Field(True, description="kNN accuracy and k-means NMI of the backbone when labels exist")
     settings: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("method")
@@ -131,7 +132,7 @@ class EvaluateStage(StageBase):
     """Embeds the evaluation split with a backbone: kNN accuracy, k-means metrics, plots, assignments."""
 
     kind: Literal["evaluate"]
-    input: str = Field(description="a stage that produced a backbone, or 'pixels' for the raw-pixel baseline")
+    input: str = Field(description="a stage that produced a backbone, 'best', or 'pixels' for the raw-pixel baseline")
     batch_size: int = Field(512, ge=1)
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.1, gt=0.0)
@@ -145,6 +146,13 @@ class EvaluateStage(StageBase):
 Stage = Annotated[Union[PretextStage, EvaluateStage], Field(discriminator="kind")]
 
 
+class SelectionConfig(Strict):
+    """How `input: best` picks among the pretext backbones evaluated so far."""
+
+    metric: Literal["knn_accuracy", "nmi"] = "knn_accuracy"
+    mode: Literal["max", "min"] = "max"
+
+
 class PipelineConfig(Strict):
     name: str = Field("sslpipe", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -153,6 +161,7 @@ class PipelineConfig(Strict):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -162,7 +171,10 @@ class PipelineConfig(Strict):
             if stage.name in seen:
                 raise ValueError(f"stage name '{stage.name}' is used twice")
             inp = getattr(stage, "input", None)
-            if inp is not None and inp != "pixels":
+            if inp == "best":
+                if "pretext" not in seen.values():
+                    raise ValueError(f"stage '{stage.name}': input 'best' needs an earlier pretext stage")
+            elif inp is not None and inp != "pixels":
                 if inp not in seen:
                     raise ValueError(
                         f"stage '{stage.name}': input '{inp}' is not an earlier stage "

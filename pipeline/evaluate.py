@@ -42,6 +42,22 @@ def backbone_features(artifact: Path, images: np.ndarray, batch_size: int) -> np
     )
 
 
+def quick_evaluate(artifact: Path, train: ImageSet, evalset: ImageSet, *, k: int = 200, temperature: float = 0.1,
+                   seed: int = 0, batch_size: int = 512) -> dict[str, float]:
+    """kNN accuracy and k-means NMI only: what a pretext stage reports about its backbone."""
+    from clustering import kmeans, nmi
+    from downstream.knn import knn_accuracy
+
+    train_x = backbone_features(artifact, train.images, batch_size)
+    eval_x = backbone_features(artifact, evalset.images, batch_size)
+    clusters = len(np.unique(evalset.labels))
+    km = kmeans(_l2_normalize(eval_x), min(clusters, len(eval_x)), seed=seed)
+    return {
+        "knn_accuracy": knn_accuracy(train_x, train.labels, eval_x, evalset.labels, k=k, temperature=temperature),
+        "nmi": nmi(evalset.labels, km.assignments),
+    }
+
+
 def evaluate(
     stage: dict[str, Any],
     *,

@@ -62,6 +62,7 @@ class PipelineRun:
         self.output_dir = output_dir.resolve()
         self.log = log
         self.summary: dict[str, Any] = {"pipeline": config.name, "stages": {}}
+        self.evalset = None
         self.results: dict[str, StageResult] = {}
 
     # -- setup ----------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class PipelineRun:
         self.train = load_images(d.source, d.train_split, subset=d.train_subset, classes=d.train_classes, **common)
         self.log(f"data: {d.source}/{d.train_split}: {len(self.train)} images {self.train.images.shape[1:]}")
         self.evalset = None
-        if any(s.kind == "evaluate" for s in cfg.stages):
+        if any(s.kind == "evaluate" or getattr(s, "evaluate", False) for s in cfg.stages):
             self.evalset = load_images(d.source, d.eval_split, subset=d.eval_subset, classes=d.eval_classes, **common)
             self.log(f"data: {d.source}/{d.eval_split}: {len(self.evalset)} images for evaluation")
         self.data_fingerprint = self.train.fingerprint()
@@ -85,7 +86,7 @@ class PipelineRun:
         return path
 
     # -- stages ---------------------------------------------------------------------------------
-    def _run_pretext(self, stage: PretextStage, run_id: str, fp: str) -> StageResult:
+    def _run_pretext(self, stage: PretextStage, inp: str | None, run_id: str, fp: str) -> StageResult:
         import ray
 
         from pipeline.trainer import TrainJob, fit_stage
@@ -96,9 +97,7 @@ class PipelineRun:
 
             raise DataError(f"stage '{stage.name}': method '{stage.method}' needs colour images; "
                             f"data source '{cfg.data.source}' is grayscale")
-        init_artifact = None
-        if stage.input:
-            init_artifact = self.results[stage.input].artifacts["backbone"]
+        init_artifact = self.results[inp].artifacts["backbone"] if inp else None
         mean, std = channel_stats(self.train.images, cfg.backbone.in_chans)
         if not hasattr(self, "_data_ref"):
             self._data_ref = ray.put(self.train.images)
@@ -132,6 +131,12 @@ class PipelineRun:
         shutil.copytree(fit.checkpoint_dir / "backbone", backbone_dir)
         shutil.rmtree(fit.checkpoint_dir, ignore_errors=True)
         metrics = {k: v for k, v in fit.metrics.items() if isinstance(v, (int, float))}
+        if stage.evaluate and self.evalset is not None and self.evalset.labels is not None:
+            from pipeline.evaluate import quick_evaluate
+
+            quick = quick_evaluate(backbone_dir, self.train, self.evalset, seed=cfg.seed)
+            self.log(f"[{stage.name}] kNN accuracy {quick['knn_accuracy']:.4f}  k-means NMI {quick['nmi']:.4f}")
+            metrics.update(quick)
         return StageResult(metrics=metrics, artifacts={"backbone": str(backbone_dir), "checkpoints": fit.storage})
 
     @staticmethod
@@ -140,30 +145,128 @@ class PipelineRun:
 
         return bool(getattr(method_class(method), "requires_color", False))
 
-    def _run_evaluate(self, stage: EvaluateStage) -> StageResult:
+    def _run_evaluate(self, stage: EvaluateStage, inp: str) -> StageResult:
         from pipeline.evaluate import evaluate
 
-        artifact = None if stage.input == "pixels" else Path(self.results[stage.input].artifacts["backbone"])
+        artifact = None if inp == "pixels" else Path(self.results[inp].artifacts["backbone"])
         metrics, artifacts = evaluate(
             stage.model_dump(mode="json"), artifact=artifact, train=self.train, evalset=self.evalset,
             out_dir=self._stage_dir(stage.name), seed=self.config.seed, log=self.log,
         )
         return StageResult(metrics=metrics, artifacts=artifacts)
 
+    # -- graph ----------------------------------------------------------------------------------
+    def resolve_input(self, stage) -> str | None:
+        """`best` -> the pretext stage with the best selection metric so far; other inputs as written."""
+        inp = getattr(stage, "input", None)
+        if inp != "best":
+            return inp
+        from pipeline.config import ConfigError
+
+        sel = self.config.selection
+        scored = [(r.metrics[sel.metric], name) for name, r in self.results.items()
+                  if self.config.stage(name).kind == "pretext" and sel.metric in r.metrics]
+        if not scored:
+            raise ConfigError(
+                f"stage '{stage.name}': input 'best' needs evaluated pretext stages, but none has "
+                f"'{sel.metric}' (it needs labelled evaluation data and evaluate: true)"
+            )
+        value, name = (max if sel.mode == "max" else min)(scored)
+        self.summary["best"] = {"stage": name, "metric": sel.metric, "value": value}
+        self.log(f"best backbone so far by {sel.metric}: {name} ({value:.4f})")
+        return name
+
+    def waves(self) -> list[list]:
+        """Consecutive pretext stages that do not feed each other form a wave that may run concurrently."""
+        waves: list[list] = []
+        for stage in self.config.stages:
+            current = waves[-1] if waves else None
+            independent = (
+                current is not None
+                and stage.kind == "pretext"
+                and all(s.kind == "pretext" for s in current)
+                and stage.input not in {s.name for s in current} | {"best"}
+            )
+            if independent:
+                current.append(stage)
+            else:
+                waves.append([stage])
+        return waves
+
+    def _cluster_fits(self, wave: list) -> bool:
+        """True when Ray has free resources for every stage of the wave at once."""
+        import ray
+
+        ray_cfg = self.config.ray
+        per_worker = dict(ray_cfg.resources_per_worker or {"CPU": 1})
+        if ray_cfg.use_gpu:
+            per_worker.setdefault("GPU", 1)
+        need = {k: v * ray_cfg.num_workers * len(wave) for k, v in per_worker.items()}
+        free = ray.available_resources()
+        return all(free.get(k, 0.0) >= v for k, v in need.items())
+
     # -- main -----------------------------------------------------------------------------------
+    def _execute(self, stage, index: int) -> None:
+        cfg, tracker = self.config, self.tracker
+        inp = self.resolve_input(stage)
+        upstream = self.results[inp].fingerprint if inp and inp in self.results else inp
+        fp = fingerprint(stage.model_dump(mode="json"), cfg.backbone.model_dump(mode="json"),
+                         cfg.seed, self.data_fingerprint, upstream)
+        self.log(f"== stage {index}/{len(cfg.stages)}: {stage.name} ({stage.kind}"
+                 f"{' ' + stage.method if stage.kind == 'pretext' else ''}"
+                 f"{', input ' + inp if inp else ''}) ==")
+        run_id = tracker.start_run(stage.name, parent_id=self.parent_id,
+                                   tags={"sslpipe.stage": stage.name, "sslpipe.kind": stage.kind,
+                                         "sslpipe.fingerprint": fp, "sslpipe.input": str(inp)})
+        tracker.log_params(run_id, flatten(stage.model_dump(mode="json")))
+        started = time.time()
+        try:
+            if stage.kind == "pretext":
+                result = self._run_pretext(stage, inp, run_id, fp)
+            else:
+                result = self._run_evaluate(stage, inp)
+        except BaseException:
+            tracker.end_run(run_id, "FAILED")
+            raise
+        result.fingerprint = fp
+        result.metrics["stage_time_s"] = time.time() - started
+        if stage.kind == "pretext":  # per-epoch metrics were logged by the rank-0 worker
+            tracker.log_metrics(run_id, {k: v for k, v in result.metrics.items()
+                                         if k in ("stage_time_s", "knn_accuracy", "nmi", "ari", "cluster_accuracy")})
+        else:
+            tracker.log_metrics(run_id, result.metrics)
+        for key, path in result.artifacts.items():
+            if key != "checkpoints":
+                tracker.log_artifact(run_id, path, artifact_path=key if Path(path).is_dir() else None)
+        tracker.end_run(run_id, "FINISHED")
+        with self._lock:
+            self.results[stage.name] = result
+            self.summary["stages"][stage.name] = {
+                "kind": stage.kind,
+                "input": inp,
+                "fingerprint": fp,
+                "run_id": run_id,
+                "metrics": result.metrics,
+                "artifacts": result.artifacts,
+            }
+            write_json_atomic(self.output_dir / "summary.json", self.summary)
+
     def run(self) -> dict[str, Any]:
+        import threading
+
         from pipeline.tracking import Tracker, default_uri
         from pipeline.trainer import ray_init
 
         cfg, out = self.config, self.output_dir
         out.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
         resolved = out / "config.resolved.yaml"
         resolved.write_text(dump_config(cfg))
+        self._load_data()  # bad data is reported before anything is created in MLflow
         self.tracking_uri = cfg.tracking.uri or default_uri(out)
-        tracker = Tracker(self.tracking_uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
-        self._load_data()
+        tracker = self.tracker = Tracker(self.tracking_uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
 
-        parent = tracker.start_run(cfg.tracking.run_name or cfg.name, tags={"sslpipe.pipeline": cfg.name})
+        parent = self.parent_id = tracker.start_run(cfg.tracking.run_name or cfg.name, tags={"sslpipe.pipeline": cfg.name})
         self.summary.update(tracking_uri=self.tracking_uri, parent_run_id=parent,
                             data_fingerprint=self.data_fingerprint, output_dir=str(out))
         tracker.log_params(parent, flatten({k: v for k, v in cfg.model_dump(mode="json").items() if k != "stages"}))
@@ -180,47 +283,25 @@ class PipelineRun:
 
         status = "FAILED"
         try:
-            for index, stage in enumerate(cfg.stages, start=1):
-                inp = getattr(stage, "input", None)
-                upstream = self.results[inp].fingerprint if inp and inp in self.results else inp
-                fp = fingerprint(stage.model_dump(mode="json"), cfg.backbone.model_dump(mode="json"),
-                                 cfg.seed, self.data_fingerprint, upstream)
-                self.log(f"== stage {index}/{len(cfg.stages)}: {stage.name} ({stage.kind}"
-                         f"{' ' + stage.method if stage.kind == 'pretext' else ''}) ==")
-                run_id = tracker.start_run(stage.name, parent_id=parent,
-                                           tags={"sslpipe.stage": stage.name, "sslpipe.kind": stage.kind,
-                                                 "sslpipe.fingerprint": fp})
-                tracker.log_params(run_id, flatten(stage.model_dump(mode="json")))
-                started = time.time()
-                try:
-                    if stage.kind == "pretext":
-                        result = self._run_pretext(stage, run_id, fp)
-                    else:
-                        result = self._run_evaluate(stage)
-                except BaseException:
-                    tracker.end_run(run_id, "FAILED")
-                    raise
-                result.fingerprint = fp
-                result.metrics["stage_time_s"] = time.time() - started
-                self.results[stage.name] = result
-                if stage.kind == "pretext":  # per-epoch metrics were logged by the rank-0 worker
-                    tracker.log_metrics(run_id, {"stage_time_s": result.metrics["stage_time_s"]})
+            index = 0
+            for wave in self.waves():
+                numbered = [(stage, index + i + 1) for i, stage in enumerate(wave)]
+                index += len(wave)
+                if len(wave) > 1 and self._cluster_fits(wave):
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self.log(f"running {len(wave)} independent pretext stages concurrently: "
+                             f"{', '.join(s.name for s in wave)}")
+                    with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+                        for future in [pool.submit(self._execute, stage, i) for stage, i in numbered]:
+                            future.result()
                 else:
-                    tracker.log_metrics(run_id, result.metrics)
-                for key, path in result.artifacts.items():
-                    if key != "checkpoints":
-                        tracker.log_artifact(run_id, path, artifact_path=key if Path(path).is_dir() else None)
-                tracker.end_run(run_id, "FINISHED")
-                self.summary["stages"][stage.name] = {
-                    "kind": stage.kind,
-                    "fingerprint": fp,
-                    "run_id": run_id,
-                    "metrics": result.metrics,
-                    "artifacts": result.artifacts,
-                }
-                write_json_atomic(out / "summary.json", self.summary)
+                    for stage, i in numbered:
+                        self._execute(stage, i)
             status = "FINISHED"
         finally:
+            if "best" in self.summary:
+                tracker.set_tags(parent, {"sslpipe.best_stage": self.summary["best"]["stage"]})
             tracker.end_run(parent, status if sys.exc_info()[0] is None else "FAILED")
             write_json_atomic(out / "summary.json", self.summary)
         tracker.log_artifact(parent, out / "summary.json")

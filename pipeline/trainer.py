@@ -206,10 +206,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from torch.utils.data import DistributedSampler
 
-    import logging
-
-    for name in ("ray.train", "ray.train.v2", "ray.train.v2._internal.execution.context"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # our own progress lines are enough
     job = TrainJob(**config["job"])
     stage = job.stage
     ctx = ray.train.get_context()
@@ -332,7 +328,8 @@ def train_worker(config: dict[str, Any]) -> None:
             try:
                 ckpt = None
                 if rank == 0:
-                    save_checkpoint(tmp, raw, optimizer, scheduler, {"epoch": epoch, "metrics": metrics}, job, feature_dim)
+                    progress = {"epoch": epoch, "metrics": metrics, "resumed_at_epoch": start_epoch}
+                    save_checkpoint(tmp, raw, optimizer, scheduler, progress, job, feature_dim)
                     ckpt = ray.train.Checkpoint.from_directory(str(tmp))
                 ray.train.report(metrics, checkpoint=ckpt)
             finally:
@@ -350,7 +347,7 @@ class StageFit:
 
 def fit_stage(job: TrainJob, *, ray_cfg: dict[str, Any], storage_path: str, run_name: str, workdir: Path) -> StageFit:
     """Run `train_worker` under a TorchTrainer and bring the final checkpoint to `workdir`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     scaling = ScalingConfig(
@@ -363,6 +360,8 @@ def fit_stage(job: TrainJob, *, ray_cfg: dict[str, Any], storage_path: str, run_
         storage_path=storage_path,
         failure_config=FailureConfig(max_failures=ray_cfg["max_failures"]),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
+        # Train's INFO lines (every report, every checkpoint) drown our progress lines; warnings still show.
+        logging_config=LoggingConfig(log_level=os.environ.get("SSLPIPE_RAY_TRAIN_LOG_LEVEL", "WARNING")),
     )
     trainer = TorchTrainer(train_worker, train_loop_config={"job": asdict(job)}, scaling_config=scaling, run_config=run_config)
     result = trainer.fit()

@@ -1,0 +1,204 @@
+"""Training speed of our SimCLR stage, side by side in one run, on the same data and backbone:
+
+1. lightly's plain-PyTorch SimCLR example loop (PIL images, lightly's SimCLRTransform in a DataLoader,
+   backbone + SimCLRProjectionHead + NTXentLoss), fp32;
+2. our SimCLR stage under Ray Train (2 workers), fp32, and with the fast option (channels_last, plus
+   bf16 autocast where the CPU/GPU has native bf16);
+3. a bare forward+backward+step on ready-made views (no augmentation, no data path), and our
+   in-process method step on the same batch, to show the data path is not the bottleneck.
+
+Writes a section of bench/RESULTS.md.   Usage: python bench/speed.py [--steps 6] [--batch 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+WORK = ROOT / "bench" / "_work"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from pipeline.trainer import cpu_has_native_bf16
+
+    return (f"{cpu}, {os.cpu_count()} cores, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}, "
+            f"torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}")
+
+
+def images(n: int) -> np.ndarray:
+    from pipeline.data import load_images
+
+    return load_images("fashion-mnist", "train", subset=n, seed=0, log=lambda *_: None).images
+
+
+def build(stem_stride: int):
+    from pipeline.backbones import build_backbone
+
+    return build_backbone("resnet18", small_image_stem=True, stem_stride=stem_stride)
+
+
+def lightly_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> float:
+    """lightly's SimCLR example, unchanged in substance: PIL dataset -> SimCLRTransform -> DataLoader."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.transforms import SimCLRTransform
+    from PIL import Image
+
+    transform = SimCLRTransform(input_size=32, min_scale=0.3, cj_strength=0.5, gaussian_blur=0.0)
+
+    class PILSet(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            img = Image.fromarray(data[i, 0]).convert("RGB")
+            return transform(img), 0
+
+    backbone, dim = build(stem_stride)
+    model = torch.nn.Sequential(backbone, SimCLRProjectionHead(dim, 512, 128))
+    criterion = NTXentLoss(temperature=0.2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    loader = torch.utils.data.DataLoader(PILSet(), batch_size=batch, shuffle=True, drop_last=True, num_workers=2,
+                                         persistent_workers=True)
+    times = []
+    it = iter(loader)
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        (x0, x1), _ = next(it)
+        z0, z1 = model(x0), model(x1)
+        loss = criterion(z0, z1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step > 0:  # the first step pays for worker start-up
+            times.append(time.perf_counter() - t0)
+    return batch / float(np.median(times))
+
+
+def method_steps(data: np.ndarray, batch: int, steps: int, stem_stride: int, channels_last: bool) -> tuple[float, float]:
+    """(our in-process SimCLR step, bare fwd+bwd on ready views): images/s, same model and batch."""
+    from pretext import build_method
+
+    backbone, dim = build(stem_stride)
+    method = build_method("simclr", backbone, dim, {"temperature": 0.2, "augment": {"min_scale": 0.3, "cj_strength": 0.5,
+                          "gaussian_blur": 0.0}}, input_size=32, channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=2e-3)
+    x = torch.from_numpy(data[:batch]).float().div(255).expand(-1, 3, -1, -1).contiguous()
+    ours, bare = [], []
+    with torch.no_grad():
+        views = method.augment(torch.cat([x, x])).contiguous(memory_format=fmt)
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = method(x)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        t1 = time.perf_counter()
+        z = method.projection_head(method.encode(views))
+        loss = method.criterion(*z.chunk(2))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        t2 = time.perf_counter()
+        if step > 0:
+            ours.append(t1 - t0)
+            bare.append(t2 - t1)
+    return batch / float(np.median(ours)), batch / float(np.median(bare))
+
+
+def ray_stage(n: int, batch: int, epochs: int, stem_stride: int, fast: bool) -> float:
+    """Our SimCLR stage through `sslpipe run` (2 Ray Train workers); images/s of the last epoch."""
+    out = WORK / f"speed_{'fast' if fast else 'fp32'}"
+    sets = [f"data.train_subset={n}", f"backbone.stem_stride={stem_stride}", f"stages.simclr.epochs={epochs}",
+            f"stages.simclr.batch_size={batch}", f"stages.simclr.channels_last={str(fast).lower()}",
+            f"stages.simclr.precision={'auto' if fast else 'fp32'}", "stages.simclr.checkpoint_every=1000"]
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "bench" / "speed.yaml"), "--output-dir", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    summary = json.loads((out / "summary.json").read_text())
+    return float(summary["stages"]["simclr"]["metrics"]["images_per_sec"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--stem-stride", type=int, default=2)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    n = args.batch * (args.steps + 1)
+    data = images(max(n, 2 * args.batch))
+    torch.manual_seed(0)
+
+    rows = []
+    lightly_ips = lightly_loop(data, args.batch, args.steps, args.stem_stride)
+    rows.append(("lightly example loop (PIL + DataLoader), fp32", lightly_ips))
+    ours_ips, bare_ips = method_steps(data, args.batch, args.steps, args.stem_stride, channels_last=False)
+    ours_cl, bare_cl = method_steps(data, args.batch, args.steps, args.stem_stride, channels_last=True)
+    epochs = 2
+    ray_fp32 = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=False)
+    ray_fast = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=True)
+    rows += [
+        ("sslpipe SimCLR stage, Ray Train 2 workers, fp32", ray_fp32),
+        ("sslpipe SimCLR stage, Ray Train 2 workers, fast option", ray_fast),
+        ("sslpipe SimCLR method step in-process, fp32", ours_ips),
+        ("bare fwd+bwd on ready views, fp32", bare_ips),
+        ("sslpipe SimCLR method step in-process, channels_last", ours_cl),
+        ("bare fwd+bwd on ready views, channels_last", bare_cl),
+    ]
+    lines = [
+        "## SimCLR training speed (bench/speed.py)",
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `python bench/speed.py --steps {args.steps} --batch {args.batch} --stem-stride {args.stem_stride}`; "
+        f"resnet18 (small stem, stride {args.stem_stride}), 32 px, batch {args.batch} images (2 views each), Fashion-MNIST, "
+        "images/s = images (not views) per second, median step (Ray rows: the last epoch's mean).",
+        "",
+        "| loop | images/s |",
+        "|---|---|",
+    ] + [f"| {name} | {ips:.1f} |" for name, ips in rows] + [
+        "",
+        f"- ours (Ray, fp32) / lightly loop: **{ray_fp32 / lightly_ips:.2f}x**",
+        f"- ours (Ray, fast option) / lightly loop: **{ray_fast / lightly_ips:.2f}x**",
+        f"- our step time / bare fwd+bwd step time: **{bare_ips / ours_ips:.3f}x** (fp32), "
+        f"**{bare_cl / ours_cl:.3f}x** (channels_last)",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    write_section(ROOT / "bench" / "RESULTS.md", "## SimCLR training speed", text)
+
+
+def write_section(path: Path, heading: str, text: str) -> None:
+    """Replace (or append) one `## ` section of RESULTS.md, keeping the others."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    parts = old.split("\n## ")
+    kept = [parts[0].rstrip("\n")] + ["## " + p.rstrip("\n") for p in parts[1:] if not ("## " + p).startswith(heading)]
+    path.write_text("\n\n".join(kept + [text.rstrip("\n")]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
