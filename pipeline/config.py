@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pretext import method_names, method_settings
 from pretext.settings import StrictSettings
 
-DATA_SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "folder")
+DATA_SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "photos", "folder")
 
 
 class ConfigError(Exception):
@@ -32,7 +32,7 @@ Strict = StrictSettings  # same unknown-key behaviour as the method settings
 class DataConfig(Strict):
     """Where images come from. Labels, when a source has them, are used for evaluation only."""
 
-    source: Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "folder"]
+    source: Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "photos", "folder"]
     root: str | None = None
     download: bool = False
     train_split: str = "train"
@@ -41,7 +41,7 @@ class DataConfig(Strict):
     eval_subset: int | None = Field(None, ge=1)
     train_classes: list[int] | None = None
     eval_classes: list[int] | None = None
-    load_size: int | None = Field(None, ge=8, le=4096, description="folder images are decoded to this square size")
+    load_size: int | None = Field(None, ge=8, le=4096, description="folder images are decoded to this square size; photos: tile size")
     max_image_pixels: int = Field(89_478_485, ge=1)
 
     @model_validator(mode="after")

@@ -38,7 +38,7 @@ class DataError(Exception):
     """Bad or missing input data; the CLI maps it to exit code 2. Message names the source/path."""
 
 
-SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "folder")
+SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "photos", "folder")
 
 # Splits each source understands; STL10 also ships a large unlabeled split meant for pretraining.
 SPLITS: dict[str, tuple[str, ...]] = {s: ("train", "test") for s in SOURCES}
@@ -240,13 +240,18 @@ def load_images(
         images, labels, class_names, where = _load_cifar(source, split, root, download)
     elif source == "stl10":
         images, labels, class_names, where = _load_stl10(split, root, download)
+    elif source == "photos":
+        images, labels, class_names, where, ids = _load_photos(split, image_size or 64)
     else:  # digits
         images, labels, class_names, where = _load_digits(split)
+    if source != "photos":
+        ids = None
 
     keep = _select(labels, class_names, classes, subset, seed, source, len(images))
     if keep is not None:
         images = images[keep]
         labels = None if labels is None else labels[keep]
+        ids = None if ids is None else [ids[i] for i in keep]
     if len(images) == 0:
         raise DataError(f"{source} {split}: no images left after filtering (classes={classes})")
     if image_size is not None and images.shape[2:] != (image_size, image_size):
@@ -255,7 +260,7 @@ def load_images(
     out = ImageSet(
         images=np.ascontiguousarray(images),
         labels=labels,
-        ids=None,
+        ids=ids,
         class_names=class_names,
         source=source,
         split=split,
@@ -515,6 +520,38 @@ def _load_stl10(
 
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
+
+
+# Natural colour photos that scikit-image ships (no download); the last two are held out as "test".
+_PHOTOS_TRAIN = ("astronaut", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+_PHOTOS_TEST = ("coffee", "stereo_motorcycle")
+
+
+def _load_photos(split: str, tile: int) -> tuple[np.ndarray, None, None, str, list[str]]:
+    """scikit-image's sample photos cut into square tiles: an offline colour data set for colorization.
+
+    Each photo is scaled so its shorter side holds 4 tiles, then cut into non-overlapping tiles of
+    `tile` px (ids `photo:row:col`). Unlabeled. Train and test come from different photos.
+    """
+    import skimage.data
+    import torch
+    import torch.nn.functional as F
+
+    names = _PHOTOS_TEST if split == "test" else _PHOTOS_TRAIN
+    tiles, ids = [], []
+    for name in names:
+        photo = getattr(skimage.data, name)()
+        photo = photo[0] if isinstance(photo, tuple) else photo
+        x = torch.from_numpy(np.ascontiguousarray(photo[..., :3])).permute(2, 0, 1)[None].float()
+        scale = 4 * tile / min(x.shape[-2:])
+        size = (max(tile, int(x.shape[-2] * scale)), max(tile, int(x.shape[-1] * scale)))
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        x = x.round().clamp(0, 255).to(torch.uint8).numpy()
+        for r in range(x.shape[1] // tile):
+            for c in range(x.shape[2] // tile):
+                tiles.append(x[:, r * tile : (r + 1) * tile, c * tile : (c + 1) * tile])
+                ids.append(f"{name}:{r}:{c}")
+    return np.stack(tiles), None, None, "skimage.data sample photos", ids
 
 
 def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray, list[str], str]:

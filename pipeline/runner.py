@@ -129,15 +129,37 @@ class PipelineRun:
         if backbone_dir.exists():
             shutil.rmtree(backbone_dir)
         shutil.copytree(fit.checkpoint_dir / "backbone", backbone_dir)
-        shutil.rmtree(fit.checkpoint_dir, ignore_errors=True)
         metrics = {k: v for k, v in fit.metrics.items() if isinstance(v, (int, float))}
+        report_metrics, report_artifacts = self._heldout_report(job, fit.checkpoint_dir, stage_dir)
+        shutil.rmtree(fit.checkpoint_dir, ignore_errors=True)
+        metrics.update(report_metrics)
         if stage.evaluate and self.evalset is not None and self.evalset.labels is not None:
             from pipeline.evaluate import quick_evaluate
 
             quick = quick_evaluate(backbone_dir, self.train, self.evalset, seed=cfg.seed)
             self.log(f"[{stage.name}] kNN accuracy {quick['knn_accuracy']:.4f}  k-means NMI {quick['nmi']:.4f}")
             metrics.update(quick)
-        return StageResult(metrics=metrics, artifacts={"backbone": str(backbone_dir), "checkpoints": fit.storage})
+        artifacts = {"backbone": str(backbone_dir), **report_artifacts, "checkpoints": fit.storage}
+        return StageResult(metrics=metrics, artifacts=artifacts)
+
+    def _heldout_report(self, job, checkpoint_dir: Path, stage_dir: Path, max_images: int = 256):
+        """Rebuild the trained method on the driver and let it report on held-out images."""
+        import torch
+        from safetensors.torch import load_file
+
+        from downstream.embeddings import match_channels
+        from pipeline.trainer import STATE_FILE, batch_channels, build_stage_method
+
+        images = self.evalset if self.evalset is not None else self.train
+        method, _ = build_stage_method(job, torch.device("cpu"))
+        method.load_state_dict(load_file(str(checkpoint_dir / STATE_FILE)), strict=True)
+        method.eval()
+        x = torch.from_numpy(images.images[:max_images]).float().div_(255.0)
+        x = match_channels(x, batch_channels(method, job.backbone))
+        metrics, artifacts = method.heldout_report(x, stage_dir)
+        for key, value in metrics.items():
+            self.log(f"[{job.stage['name']}] held-out {key}: {value:.4f}")
+        return {f"heldout_{k}": float(v) for k, v in metrics.items()}, artifacts
 
     @staticmethod
     def _method_requires_color(method: str) -> bool:
@@ -263,6 +285,12 @@ class PipelineRun:
         resolved = out / "config.resolved.yaml"
         resolved.write_text(dump_config(cfg))
         self._load_data()  # bad data is reported before anything is created in MLflow
+        for stage in cfg.stages:
+            if stage.kind == "pretext" and self.train.channels == 1 and self._method_requires_color(stage.method):
+                from pipeline.data import DataError
+
+                raise DataError(f"stages[{stage.name}]: method '{stage.method}' needs colour images; "
+                                f"data source '{cfg.data.source}' is grayscale")
         self.tracking_uri = cfg.tracking.uri or default_uri(out)
         tracker = self.tracker = Tracker(self.tracking_uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
 

@@ -91,6 +91,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory on GPUs; peak resident memory of this worker process on CPUs."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _format_eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -315,6 +324,7 @@ def train_worker(config: dict[str, Any]) -> None:
             means = {k: stacked[i] / world for i, k in enumerate(keys)}
         metrics = {k: float(v) for k, v in means.items()}
         metrics.update(
+            peak_memory_mb=peak_memory_mb(device),
             epoch=epoch + 1,
             lr=float(scheduler.get_last_lr()[0]),
             images_per_sec=local_batch * world * steps_per_epoch / max(epoch_time, 1e-9),

@@ -98,6 +98,15 @@ class Method(nn.Module):
         """Mean/std applied to backbone input; saved in the artifact so evaluation does the same."""
         return self.normalize.mean.flatten().tolist(), self.normalize.std.flatten().tolist()
 
+    @torch.no_grad()
+    def heldout_report(self, images: Tensor, out_dir: Any) -> tuple[dict[str, float], dict[str, str]]:
+        """Pretext quality on held-out images after training: (metrics, artifact paths).
+
+        `images` is a float batch in [0, 1] with the channels `forward` receives; called in eval mode on
+        the driver. Methods override it to report e.g. held-out pretext accuracy or colorization error.
+        """
+        return {}, {}
+
     def artifact_extras(self) -> dict[str, Any]:
         """JSON-serialisable facts saved with the backbone artifact (e.g. a permutation set)."""
         return {}

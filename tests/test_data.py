@@ -490,3 +490,13 @@ def test_imageset_subset_and_to_rgb():
     assert ds.channels == 1 and ds.image_size == (2, 2) and len(ds) == 5
     with pytest.raises(ValueError):
         ImageSet(images, np.array([0, 1]), None, None, "x", "train", [])
+
+
+def test_photos_are_colour_tiles_with_disjoint_splits():
+    train = load_images("photos", "train", image_size=32, log=lambda *_: None)
+    test = load_images("photos", "test", image_size=32, log=lambda *_: None)
+    assert train.images.shape[1:] == (3, 32, 32) and train.labels is None
+    assert len(train) > 100 and len(test) > 20
+    assert {i.split(":")[0] for i in train.ids}.isdisjoint({i.split(":")[0] for i in test.ids})
+    # real colour: the channels differ
+    assert np.abs(train.images[:, 0].astype(int) - train.images[:, 2].astype(int)).mean() > 5
