@@ -284,6 +284,10 @@ class Jigsaw(Method):
             raise ValueError("predict_accuracy needs at least one image")
         return correct / total
 
+    def heldout_report(self, images: Tensor, out_dir: Any) -> tuple[dict[str, float], dict[str, str]]:
+        """Puzzle accuracy on held-out images (chance 1/num_permutations), as `heldout_pretext_accuracy`."""
+        return {"pretext_accuracy": self.predict_accuracy(images)}, {}
+
     def artifact_extras(self) -> dict[str, Any]:
         """The permutation set defines the classes of the head; saved so the puzzles can be rebuilt."""
         return {"jigsaw_permutations": self.permutations.cpu().tolist(), "grid": self.grid}

@@ -104,3 +104,7 @@ class RotationPrediction(Method):
         if total == 0:
             raise ValueError("predict_rotation_accuracy needs at least one image")
         return correct / total
+
+    def heldout_report(self, images: Tensor, out_dir: Any) -> tuple[dict[str, float], dict[str, str]]:
+        """Rotation accuracy on held-out images (chance 0.25), logged as `heldout_pretext_accuracy`."""
+        return {"pretext_accuracy": self.predict_rotation_accuracy(images)}, {}

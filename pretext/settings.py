@@ -92,6 +92,15 @@ class JigsawSettings(MethodSettings):
     gray_prob: float = Field(0.3, ge=0.0, le=1.0)
     head_hidden_dim: int = Field(512, ge=8)
 
+    @model_validator(mode="after")
+    def _enough_permutations(self) -> "JigsawSettings":
+        import math
+
+        available = math.factorial(self.grid * self.grid)
+        if self.num_permutations > available:
+            raise ValueError(f"num_permutations: a {self.grid}x{self.grid} grid has only {available} permutations")
+        return self
+
 
 class ColorizationSettings(MethodSettings):
     """Colorization (Zhang et al. 2016): L in, ab out, classified over quantized ab bins or regressed."""
