@@ -177,6 +177,8 @@ class MoCo(Method):
     def training_step(self, images: Tensor) -> dict[str, Any]:
         with torch.no_grad():
             x0, x1 = self.augment(torch.cat([images, images], dim=0)).chunk(2, dim=0)
+        if not self.settings.symmetric:
+            return {"loss": self._one_sided_loss(x0, x1), "momentum": self.current_momentum}
         # Each view through each encoder on its own, as the reference code, so BN never mixes views.
         q0, q1 = self.query_embed(x0), self.query_embed(x1)
         k0, k1 = self.key_embed(x0), self.key_embed(x1)
@@ -192,6 +194,16 @@ class MoCo(Method):
                 if self.version == "v3":
                     loss = loss * (2.0 * self.temperature)  # MoCo v3's scaling; keeps lr tuning comparable
         return {"loss": loss, "momentum": self.current_momentum}
+
+    def _one_sided_loss(self, x0: Tensor, x1: Tensor) -> Tensor:
+        """The original MoCo loss: view 0 is the query, view 1 the key (half the encoder passes)."""
+        q, k = self.query_embed(x0), self.key_embed(x1)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            if self.queue is not None:
+                _, negatives = self.queue(k, update=self.training)
+                return self._loss_with_queue(q, k, negatives.to(q.device))
+            loss = self._loss_in_batch(q, k)
+            return loss * (2.0 * self.temperature) if self.version == "v3" else loss
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:

@@ -125,6 +125,7 @@ class MoCoSettings(MethodSettings):
     hidden_dim: int = Field(512, ge=8)
     output_dim: int = Field(128, ge=8)
     shuffle_bn: Literal["shuffle", "sync", "none"] = Field("shuffle", description="BN leak guard under DDP")
+    symmetric: bool = Field(True, description="both views serve as query (2x encoder passes per image)")
     augment: AugmentSettings = AugmentSettings()
 
 

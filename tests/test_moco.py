@@ -273,3 +273,18 @@ def test_two_ray_workers_with_shuffled_bn(ray_session, tmp_path):
     with torch.no_grad():
         features = model(torch.rand(2, 3, 16, 16))
     assert features.shape == (2, meta["feature_dim"]) and torch.isfinite(features).all()
+
+
+def test_one_sided_loss_runs_and_enqueues_one_view():
+    """`symmetric: false` is the original MoCo: one query pass, one key pass, B keys per step."""
+    import torch as _torch
+
+    from pipeline.backbones import build_backbone
+    from pretext import build_method
+
+    backbone, dim = build_backbone("test_resnet", small_image_stem=False)
+    method = build_method("moco", backbone, dim, {"symmetric": False, "memory_bank_size": 16, "output_dim": 8,
+                                                  "hidden_dim": 16}, input_size=16)
+    out = method(_torch.rand(6, 3, 16, 16))
+    assert _torch.isfinite(out["loss"])
+    assert int(method.queue.bank_ptr) == 6  # one view of 6 images enqueued
