@@ -26,7 +26,7 @@ def lab_lightness(rgb: torch.Tensor) -> torch.Tensor:
     """CIE L* / 100 of sRGB in [0, 1] (D65): what a colorization backbone was trained on."""
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
     if linear.shape[1] == 3:
-        w = torch.tensor([0.2126729, 0.7151522, 0.0721750], device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
+        w = torch.tensor([0.212671, 0.715160, 0.072169], device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
         y = (linear * w).sum(1, keepdim=True)
     else:
         y = linear

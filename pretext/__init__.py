@@ -21,6 +21,7 @@ METHODS: dict[str, str] = {
     "jigsaw": "pretext.jigsaw:Jigsaw",
     "colorization": "pretext.colorization:Colorization",
     "moco": "pretext.moco:MoCo",
+    "stml": "pretext.stml:STML",
 }
 
 

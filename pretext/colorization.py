@@ -1,7 +1,7 @@
 """Colorization (Zhang, Isola, Efros 2016): predict the ab channels of CIE Lab from the L channel.
 
-The backbone sees only lightness (L*/100, exactly what evaluation feeds it through
-``downstream.embeddings.lab_lightness``) and must infer colour, which needs semantics (skies are blue,
+The backbone sees only lightness (L*/100, what evaluation feeds it through
+``downstream.embeddings.lab_lightness``, to within 2e-5) and must infer colour, which needs semantics (skies are blue,
 grass green), so its features become useful without labels. As in the paper the output is a
 distribution over quantized ab bins, trained with soft targets and class rebalancing (otherwise
 desaturated greys dominate), and decoded with the annealed mean. A plain L2 regression on ab is
@@ -10,7 +10,7 @@ available as the baseline the paper compares against.
 Resolution: the decoder predicts at input_size/4 (``OUTPUT_STRIDE``), like the paper, against the true
 ab averaged down to that size: colour varies slowly, and a quarter-resolution target keeps the
 per-pixel soft-encoding and the Q-way softmax cheap. Lab conversions run in float32 with autocast off
-(bf16 would cost several ab units); everything runs batched on the training device.
+(bf16's 8-bit mantissa would cost ab units); everything runs batched on the training device.
 
 This module must not import ``pipeline``.
 """
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from pretext.base import Method
 from pretext.settings import ColorizationSettings
-from pretext.transforms import Normalize, SimCLRAugment
+from pretext.transforms import Normalize, SimCLRAugment, to_float
 
 __all__ = ["Colorization", "rgb_to_lab", "lab_to_rgb", "in_gamut_ab_bins"]
 
@@ -49,7 +49,15 @@ OUTPUT_STRIDE = 4  # predictions at input_size / 4
 
 
 def _matrix(rows, like: Tensor) -> Tensor:
-    return torch.tensor(rows, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+    return torch.as_tensor(rows, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
+
+
+_RGB_FROM_XYZ = torch.linalg.inv(torch.tensor(_XYZ_FROM_RGB, dtype=torch.float64))
+
+
+def _no_autocast(t: Tensor):
+    """Colour maths and bin bookkeeping stay in float32 even inside the trainer's bf16 autocast."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
@@ -59,7 +67,7 @@ def _work_dtype(x: Tensor) -> torch.dtype:
 
 def rgb_to_lab(rgb: Tensor) -> Tensor:
     """sRGB in [0, 1] (B, 3, H, W) -> CIE Lab (D65), L in 0..100; matches skimage.color.rgb2lab."""
-    with torch.autocast(device_type=rgb.device.type, enabled=False):
+    with _no_autocast(rgb):
         x = rgb.to(_work_dtype(rgb))
         lin = torch.where(x > 0.04045, ((x.clamp_min(0.04045) + 0.055) / 1.055) ** 2.4, x / 12.92)
         m = _matrix(_XYZ_FROM_RGB, x) / _matrix(_WHITE_D65, x).view(3, 1)
@@ -74,7 +82,7 @@ def lab_to_rgb(lab: Tensor, clip: bool = True) -> Tensor:
 
     ``clip=False`` returns the unclipped sRGB values, which is how the gamut test sees out-of-range colours.
     """
-    with torch.autocast(device_type=lab.device.type, enabled=False):
+    with _no_autocast(lab):
         x = lab.to(_work_dtype(lab))
         L, a, b = x.unbind(1)
         fy = (L + 16.0) / 116.0
@@ -85,8 +93,7 @@ def lab_to_rgb(lab: Tensor, clip: bool = True) -> Tensor:
         f = torch.stack([fx, fy, fz], dim=1)
         t = torch.where(f > _F_INV_THRESHOLD, f**3, (f - 16.0 / 116.0) / _F_SLOPE)
         xyz = t * _matrix(_WHITE_D65, x).view(1, 3, 1, 1)
-        rgb_from_xyz = torch.linalg.inv(torch.tensor(_XYZ_FROM_RGB, dtype=torch.float64)).to(x.device, x.dtype)
-        lin = torch.einsum("ij,bjhw->bihw", rgb_from_xyz, xyz)
+        lin = torch.einsum("ij,bjhw->bihw", _matrix(_RGB_FROM_XYZ, x), xyz)
         srgb = torch.where(lin > 0.0031308, 1.055 * lin.clamp_min(0.0031308) ** (1.0 / 2.4) - 0.055, 12.92 * lin)
         return srgb.clamp(0.0, 1.0) if clip else srgb
 
@@ -186,13 +193,14 @@ class Colorization(Method):
         sigma2 = 2.0 * self.settings.soft_sigma**2
         bins = self.ab_bins.float()
         idx, wts = [], []
-        for part in ab.float().split(chunk):
-            d2 = torch.cdist(part, bins) ** 2
-            near_d2, near = d2.topk(k, dim=1, largest=False, sorted=True)
-            # Shift by the nearest distance: the same normalized weights without underflow far from any bin.
-            w = torch.exp(-(near_d2 - near_d2[:, :1]) / sigma2)
-            idx.append(near)
-            wts.append(w / w.sum(1, keepdim=True))
+        with _no_autocast(ab):
+            for part in ab.float().split(chunk):
+                d2 = torch.cdist(part, bins) ** 2
+                near_d2, near = d2.topk(k, dim=1, largest=False, sorted=True)
+                # Shift by the nearest distance: the same normalized weights, no underflow far from every bin.
+                w = torch.exp(-(near_d2 - near_d2[:, :1]) / sigma2)
+                idx.append(near)
+                wts.append(w / w.sum(1, keepdim=True))
         return torch.cat(idx), torch.cat(wts)
 
     # -- class rebalancing --------------------------------------------------------------------------------
@@ -213,10 +221,11 @@ class Colorization(Method):
         that most pixels have; λ = 1 turns rebalancing off (all weights 1).
         """
         lam = self.settings.rebalance_lambda
-        p = self.ab_prior.float() @ self._smoothing
-        p = p / p.sum().clamp_min(1e-12)
-        w = 1.0 / ((1.0 - lam) * p + lam / self.num_bins)
-        return w / (p * w).sum(), p
+        with _no_autocast(self.ab_prior):
+            p = self.ab_prior.float() @ self._smoothing.float()
+            p = p / p.sum().clamp_min(1e-12)
+            w = 1.0 / ((1.0 - lam) * p + lam / self.num_bins)
+            return w / (p * w).sum(), p
 
     # -- network --------------------------------------------------------------------------------------------
     def head_output(self, x: Tensor) -> Tensor:
@@ -243,8 +252,9 @@ class Colorization(Method):
         (vivid but patchy); the paper's 0.38 sits between.
         """
         t = self.settings.annealed_temperature if temperature is None else float(temperature)
-        probs = torch.softmax(logits.float() / t, dim=1)
-        return torch.einsum("bqhw,qc->bchw", probs, self.ab_bins.float())
+        with _no_autocast(logits):
+            probs = torch.softmax(logits.float() / t, dim=1)
+            return torch.einsum("bqhw,qc->bchw", probs, self.ab_bins.float())
 
     def _decode(self, out: Tensor) -> Tensor:
         if self.settings.loss == "classification":
@@ -281,9 +291,10 @@ class Colorization(Method):
     # -- evaluation -------------------------------------------------------------------------------------------
     def _resize(self, images: Tensor) -> Tensor:
         s = self.input_size
+        images = to_float(images)
         if images.shape[-2:] != (s, s):
-            images = F.interpolate(images.float(), size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        return images.float().clamp(0.0, 1.0)
+            images = F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        return images.clamp(0.0, 1.0)
 
     @torch.no_grad()
     def predict_ab(self, images: Tensor) -> Tensor:
@@ -330,6 +341,21 @@ class Colorization(Method):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(array).save(path)
         return path
+
+    @torch.no_grad()
+    def heldout_report(
+        self, images: Tensor, out_dir: Any, batch_size: int = 128
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        """Held-out ab error next to the gray baseline (logged as `heldout_ab_error`, `heldout_gray_ab_error`),
+        and an example grid PNG (gray | prediction | truth) as an artifact."""
+        if len(images) == 0:
+            return {}, {}
+        err = gray = 0.0
+        for chunk in images.split(batch_size):
+            err += self.ab_error(chunk) * len(chunk)
+            gray += self.gray_baseline_error(chunk) * len(chunk)
+        png = self.save_examples_png(images, Path(out_dir) / "colorization_examples.png", n=8)
+        return {"ab_error": err / len(images), "gray_ab_error": gray / len(images)}, {"colorization_examples": str(png)}
 
     def artifact_extras(self) -> dict[str, Any]:
         s: ColorizationSettings = self.settings

@@ -129,6 +129,44 @@ class MoCoSettings(MethodSettings):
     augment: AugmentSettings = AugmentSettings()
 
 
+class STMLAugmentSettings(AugmentSettings):
+    """STML's views: the authors' random resized crop (scale 0.16-1) + horizontal flip, no colour changes.
+
+    A subclass (not AugmentSettings with other values) so that overriding one key in a config keeps
+    the other STML defaults instead of falling back to SimCLR's.
+    """
+
+    min_scale: float = Field(0.16, gt=0.0, le=1.0)
+    cj_prob: float = Field(0.0, ge=0.0, le=1.0)
+    random_gray_scale: float = Field(0.0, ge=0.0, le=1.0)
+    gaussian_blur: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class STMLSettings(MethodSettings):
+    """STML (Kim et al., CVPR 2022): an EMA teacher's contextualized similarities are the student's pseudo labels.
+
+    Defaults are the authors' (README/main.py): momentum 0.999, sigma 3, delta 1, 5 neighbours per query,
+    2 views, a 1024-d auxiliary head g; embedding_dim 128 is the paper's small-embedding setting.
+    """
+
+    embedding_dim: int = Field(128, ge=2, le=8192, description="f head: the embedding kept for retrieval")
+    big_embedding_dim: int = Field(1024, ge=2, le=16384, description="g head: training only, distilled into f")
+    momentum: float = Field(0.999, ge=0.0, le=1.0, description="EMA of the teacher (1.0 freezes it)")
+    sigma: float = Field(3.0, gt=0.0, description="W_P = exp(-||t_i - t_j||^2 / sigma) on unit teacher embeddings")
+    delta: float = Field(1.0, gt=0.0, description="margin of the relaxed contrastive loss (mean-normalized distances)")
+    num_neighbors: int = Field(5, ge=1, le=256, description="k: images per sampled neighbourhood, query included")
+    views: int = Field(2, ge=1, le=8, description="augmented views per image; k' = num_neighbors * views")
+    rc_weight: float = Field(1.0, ge=0.0, description="weight of the relaxed contrastive term (paper: 1)")
+    kl_weight: float = Field(1.0, ge=0.0, description="weight of the self-distillation KL term (paper: 1)")
+    augment: STMLAugmentSettings = STMLAugmentSettings()
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "STMLSettings":
+        if self.rc_weight == 0.0 and self.kl_weight == 0.0:
+            raise ValueError("rc_weight and kl_weight cannot both be 0")
+        return self
+
+
 # name -> settings model; the matching module and class are in pretext/__init__.py (METHODS).
 METHOD_SETTINGS: dict[str, type[MethodSettings]] = {
     "simclr": SimCLRSettings,
@@ -136,4 +174,5 @@ METHOD_SETTINGS: dict[str, type[MethodSettings]] = {
     "jigsaw": JigsawSettings,
     "colorization": ColorizationSettings,
     "moco": MoCoSettings,
+    "stml": STMLSettings,
 }

@@ -3,6 +3,7 @@ short training on scikit-image's sample photos that must beat the gray (ab = 0) 
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -91,11 +92,22 @@ def test_lightness_is_what_evaluation_feeds_the_backbone():
     assert (ours - theirs).abs().max() < 1e-4
 
 
-def test_conversion_ignores_bf16_autocast():
-    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+def test_colour_maths_ignores_bf16_autocast():
+    """The trainer wraps forward in bf16 autocast; Lab, soft targets and rebalancing must stay float32."""
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    m = _tiny_method()
+    ab = torch.rand(300, 2) * 100 - 50
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lab = rgb_to_lab(x)
+        idx, w = m.soft_encode(ab)
+        weights = m.rebalance_weights()[0]
     assert lab.dtype == torch.float32 and torch.allclose(lab, rgb_to_lab(x))
+    ref_idx, ref_w = m.soft_encode(ab)
+    assert torch.equal(idx, ref_idx) and torch.allclose(w, ref_w)
+    assert weights.dtype == torch.float32 and torch.allclose(weights, m.rebalance_weights()[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)  # updates the prior
+    assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
 
 
 # -- bins, soft targets, rebalancing ------------------------------------------------------------------------
@@ -172,12 +184,14 @@ def test_annealed_mean():
 # -- the method ----------------------------------------------------------------------------------------------
 def test_forward_contract_and_state_round_trip():
     m = _tiny_method()
-    assert (Colorization.requires_color, Colorization.backbone_channels, Colorization.input_transform) == (True, 1, "lab_l")
+    assert Colorization.requires_color and Colorization.backbone_channels == 1
+    assert Colorization.input_transform == "lab_l"
     out = m(torch.rand(4, 3, 40, 40))
     assert set(out) == {"loss", "ab_error"} and torch.isfinite(out["loss"]) and out["ab_error"].ndim == 0
     out["loss"].backward()
     assert m.backbone.conv1.weight.grad.abs().sum() > 0
     assert int(m.prior_batches) == 1
+    assert m.predict_ab((torch.rand(2, 3, 32, 32) * 255).to(torch.uint8)).shape == (2, 2, 8, 8)
     assert m.predict_ab(torch.rand(2, 3, 64, 64)).shape == (2, 2, 8, 8)
     other = _tiny_method()
     other.load_state_dict(m.state_dict(), strict=True)
@@ -207,13 +221,19 @@ def test_backbone_artifact_round_trip(tmp_path):
         assert torch.equal(m.backbone.forward_features(x), loaded.forward_features(x))
 
 
-def test_examples_png(tmp_path):
+def test_examples_png_and_heldout_report(tmp_path):
     from PIL import Image
 
     m = _tiny_method()
     path = m.save_examples_png(torch.rand(4, 3, 32, 32), tmp_path / "ex" / "examples.png", n=3)
     with Image.open(path) as im:
         assert im.size == (3 * 32 * 3, 3 * 32 * 3) and im.mode == "RGB"
+    # What the runner calls after training: float images at the data's size, any count.
+    m.eval()
+    metrics, artifacts = m.heldout_report(torch.rand(10, 3, 64, 64), tmp_path, batch_size=4)
+    assert set(metrics) == {"ab_error", "gray_ab_error"} and all(v > 0 for v in metrics.values())
+    with Image.open(artifacts["colorization_examples"]) as im:
+        assert im.size == (3 * 32 * 3, 8 * 32 * 3)
 
 
 # -- learning ------------------------------------------------------------------------------------------------
@@ -232,25 +252,35 @@ def photo_tiles():
 
 
 def _train(m: Colorization, train: torch.Tensor, steps: int) -> None:
+    """AdamW at 3e-3 with cosine decay: fast enough to learn in ~100 steps, settled at the end."""
     g = torch.Generator().manual_seed(1)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     m.train()
     for _ in range(steps):
         out = m(train[torch.randint(0, len(train), (32,), generator=g)])
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
+        sched.step()
 
 
-@pytest.mark.parametrize("loss,steps", [("classification", 100), ("regression", 60)])
+@pytest.mark.parametrize("loss,steps", [("classification", 100), ("regression", 80)])
 def test_short_training_beats_the_gray_baseline(photo_tiles, loss, steps):
+    """Held-out tiles: the trained model must beat ab = 0, its untrained self, and the best colour that ignores
+    the input (the training set's mean ab), so it has to read L. Measured (4 seeds): classification ~16,
+    regression ~17-19 vs gray 25.3, untrained 24 / 38, constant 23.2."""
     train, test = photo_tiles
     m = _tiny_method(loss=loss)
     gray = m.gray_baseline_error(test)
     untrained = m.ab_error(test)
+    _, ab_train = m.lab_inputs(train)
+    _, ab_test = m.lab_inputs(test)
+    constant = float(m.ab_distance(ab_train.mean((0, 2, 3), keepdim=True).expand_as(ab_test), ab_test))
     _train(m, train, steps)
     trained = m.ab_error(test)
-    print(f"{loss}: held-out ab error {trained:.2f} (untrained {untrained:.2f}, gray baseline {gray:.2f})")
+    print(f"{loss}: held-out ab error {trained:.2f} (untrained {untrained:.2f}, gray baseline {gray:.2f}, "
+          f"training-mean colour {constant:.2f})")
     assert gray > 15  # the photos are colourful enough for the comparison to mean something
-    assert trained < 0.8 * gray and trained < 0.8 * untrained
+    assert trained < 0.8 * gray and trained < 0.8 * untrained and trained < 0.87 * constant
     assert int(m.prior_batches) == (steps if loss == "classification" else 0)
