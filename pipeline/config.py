@@ -138,6 +138,7 @@ class EvaluateStage(StageBase):
     knn_temperature: float = Field(0.1, gt=0.0)
     clusters: int | None = Field(None, ge=2, description="k for k-means; default: number of classes, else 10")
     kmeans_iterations: int = Field(50, ge=1)
+    retrieval: bool = Field(False, description="Recall@1/2/4/8 and MAP@R, leave-one-out on the evaluation split")
     tsne: bool = True
     tsne_points: int = Field(3000, ge=50)
     grid_per_cluster: int = Field(12, ge=1, le=100)

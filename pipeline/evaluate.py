@@ -86,11 +86,22 @@ def evaluate(
     metrics["embed_time_s"] = time.time() - t0
     log(f"[{name}] embedded {len(train_x)} + {len(eval_x)} images ({eval_x.shape[1]}-d) in {metrics['embed_time_s']:.1f}s")
 
-    if train.labels is not None and evalset.labels is not None:
+    shared_classes = (
+        train.labels is not None and evalset.labels is not None
+        and bool(set(np.unique(train.labels)) & set(np.unique(evalset.labels)))
+    )
+    if shared_classes:  # with disjoint classes (unseen-class protocol) a kNN vote cannot be right
         metrics["knn_accuracy"] = knn_accuracy(
             train_x, train.labels, eval_x, evalset.labels, k=stage["knn_k"], temperature=stage["knn_temperature"]
         )
         log(f"[{name}] kNN accuracy (k={stage['knn_k']}, t={stage['knn_temperature']}): {metrics['knn_accuracy']:.4f}")
+
+    if stage.get("retrieval") and evalset.labels is not None:
+        from downstream.retrieval import retrieval_metrics
+
+        metrics.update(retrieval_metrics(eval_x, evalset.labels))
+        log(f"[{name}] retrieval: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in
+                                                 ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r")))
 
     k = stage["clusters"] or (len(np.unique(evalset.labels)) if evalset.labels is not None else 10)
     k = min(k, len(eval_x))

@@ -336,7 +336,8 @@ class PipelineRun:
         return self.summary
 
 
-TABLE_METRICS = ("loss", "images_per_sec", "knn_accuracy", "nmi", "ari", "cluster_accuracy", "purity", "stage_time_s")
+TABLE_METRICS = ("loss", "images_per_sec", "knn_accuracy", "recall_at_1", "map_at_r", "nmi", "ari", "cluster_accuracy",
+                 "heldout_pretext_accuracy", "heldout_ab_error", "stage_time_s")
 
 
 def results_table(summary: dict[str, Any]) -> str:
