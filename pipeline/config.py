@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pretext import method_names, method_settings
+from pretext import REFINE_METHODS, method_names, method_settings
 from pretext.settings import StrictSettings
 
 DATA_SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "photos", "folder")
@@ -112,10 +112,12 @@ class PretextStage(StageBase):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in method_names():
-            hint = difflib.get_close_matches(value, method_names(), n=1)
+        known = [m for m in method_names() if m not in REFINE_METHODS]
+        if value not in known:
+            hint = difflib.get_close_matches(value, known, n=1)
             extra = f"; did you mean '{hint[0]}'?" if hint else ""
-            raise ValueError(f"unknown method '{value}' (known: {', '.join(method_names())}){extra}")
+            refine = f" ('{value}' is a refine method: use kind: refine)" if value in REFINE_METHODS else ""
+            raise ValueError(f"unknown pretext method '{value}' (known: {', '.join(known)}){extra}{refine}")
         return value
 
     @model_validator(mode="after")
@@ -126,6 +128,22 @@ class PretextStage(StageBase):
             raise ValueError(_format_errors(err, prefix="settings")) from None
         self.settings = validated.model_dump(mode="json")
         return self
+
+
+class RefineStage(PretextStage):
+    """Refines an existing backbone without labels (STML); produces a backbone artifact with its embedding head."""
+
+    kind: Literal["refine"]
+    method: str = "stml"
+    input: str = Field(description="the stage whose backbone is refined, or 'best'")
+    batch_size: int = Field(120, ge=2, description="global batch: queries plus their nearest neighbours")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in REFINE_METHODS:
+            raise ValueError(f"unknown refine method '{value}' (known: {', '.join(REFINE_METHODS)})")
+        return value
 
 
 class EvaluateStage(StageBase):
@@ -144,7 +162,7 @@ class EvaluateStage(StageBase):
     grid_per_cluster: int = Field(12, ge=1, le=100)
 
 
-Stage = Annotated[Union[PretextStage, EvaluateStage], Field(discriminator="kind")]
+Stage = Annotated[Union[PretextStage, RefineStage, EvaluateStage], Field(discriminator="kind")]
 
 
 class SelectionConfig(Strict):
@@ -181,9 +199,9 @@ class PipelineConfig(Strict):
                         f"stage '{stage.name}': input '{inp}' is not an earlier stage "
                         f"(earlier stages: {', '.join(seen) or 'none'})"
                     )
-                if seen[inp] != "pretext":
+                if seen[inp] not in ("pretext", "refine"):
                     raise ValueError(f"stage '{stage.name}': input '{inp}' does not produce a backbone")
-            if stage.kind == "pretext" and inp == "pixels":
+            if stage.kind in ("pretext", "refine") and inp == "pixels":
                 raise ValueError(f"stage '{stage.name}': 'pixels' is an evaluation baseline, not a backbone")
             seen[stage.name] = stage.kind
         return self
@@ -211,7 +229,7 @@ def _format_loc(loc: tuple, data: Any) -> str:
             parts.append(f"[{name}]" if name else f"[{item}]")
             node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
             continue
-        if isinstance(node, dict) and item not in node and item in ("pretext", "evaluate"):
+        if isinstance(node, dict) and item not in node and item in ("pretext", "refine", "evaluate"):
             continue  # discriminated-union tag, not a key the user wrote
         parts.append(("." if parts else "") + str(item))
         node = node.get(item) if isinstance(node, dict) else None
@@ -235,9 +253,9 @@ def _format_errors(err: ValidationError, data: Any = None, prefix: str = "") -> 
             loc = key if loc == "<root>" else f"{loc}.{key}"
             msg = f"unknown key {rest}"
         if e["type"] == "union_tag_invalid":
-            msg = "kind must be one of: pretext, evaluate"
+            msg = "kind must be one of: pretext, refine, evaluate"
         elif e["type"] == "union_tag_not_found":
-            msg = "each stage needs kind: pretext | evaluate"
+            msg = "each stage needs kind: pretext | refine | evaluate"
         got = e.get("input")
         if e["type"] not in ("missing", "value_error", "union_tag_not_found") and not isinstance(got, (dict, list)):
             msg += f" (got {got!r})"

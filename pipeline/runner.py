@@ -187,7 +187,7 @@ class PipelineRun:
 
         sel = self.config.selection
         scored = [(r.metrics[sel.metric], name) for name, r in self.results.items()
-                  if self.config.stage(name).kind == "pretext" and sel.metric in r.metrics]
+                  if self.config.stage(name).kind in ("pretext", "refine") and sel.metric in r.metrics]
         if not scored:
             raise ConfigError(
                 f"stage '{stage.name}': input 'best' needs evaluated pretext stages, but none has "
@@ -243,7 +243,7 @@ class PipelineRun:
         tracker.log_params(run_id, flatten(stage.model_dump(mode="json")))
         started = time.time()
         try:
-            if stage.kind == "pretext":
+            if stage.kind in ("pretext", "refine"):
                 result = self._run_pretext(stage, inp, run_id, fp)
             else:
                 result = self._run_evaluate(stage, inp)
@@ -252,7 +252,7 @@ class PipelineRun:
             raise
         result.fingerprint = fp
         result.metrics["stage_time_s"] = time.time() - started
-        if stage.kind == "pretext":  # per-epoch metrics were logged by the rank-0 worker
+        if stage.kind != "evaluate":  # per-epoch metrics were logged by the rank-0 worker
             tracker.log_metrics(run_id, {k: v for k, v in result.metrics.items()
                                          if k in ("stage_time_s", "knn_accuracy", "nmi", "ari", "cluster_accuracy")})
         else:
@@ -286,7 +286,7 @@ class PipelineRun:
         resolved.write_text(dump_config(cfg))
         self._load_data()  # bad data is reported before anything is created in MLflow
         for stage in cfg.stages:
-            if stage.kind == "pretext" and self.train.channels == 1 and self._method_requires_color(stage.method):
+            if stage.kind != "evaluate" and self.train.channels == 1 and self._method_requires_color(stage.method):
                 from pipeline.data import DataError
 
                 raise DataError(f"stages[{stage.name}]: method '{stage.method}' needs colour images; "
@@ -306,7 +306,7 @@ class PipelineRun:
             lines = [f"{p}\t{reason}" for p, reason in self.train.skipped + (self.evalset.skipped if self.evalset else [])]
             tracker.log_text(parent, "\n".join(lines) + "\n", "skipped_files.tsv")
 
-        if any(s.kind == "pretext" for s in cfg.stages):
+        if any(s.kind != "evaluate" for s in cfg.stages):
             ray_init(cfg.ray.address)
 
         status = "FAILED"

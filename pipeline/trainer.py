@@ -177,9 +177,10 @@ def save_checkpoint(directory: Path, method, optimizer, scheduler, progress: dic
     (directory / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
     bb = job.backbone
     mean, std = method.input_normalization()
+    module, export_meta = method.export_module()
     save_backbone(
         directory / BACKBONE_DIR,
-        method.backbone,
+        module,
         name=bb["name"],
         small_image_stem=bb["small_image_stem"],
         stem_stride=bb["stem_stride"],
@@ -194,6 +195,7 @@ def save_checkpoint(directory: Path, method, optimizer, scheduler, progress: dic
             "input_transform": method.input_transform,
             "epochs_trained": progress["epoch"] + 1,
             "extras": method.artifact_extras(),
+            **export_meta,
         },
     )
 
@@ -275,13 +277,17 @@ def train_worker(config: dict[str, Any]) -> None:
         )
 
     for epoch in range(start_epoch, epochs):
-        sampler.set_epoch(epoch)
-        order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
+        batches = raw.epoch_batches(images, epoch=epoch, rank=rank, world_size=world, batch_size=local_batch,
+                                    seed=job.seed)
+        if batches is None:
+            sampler.set_epoch(epoch)
+            order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
+            batches = [np.sort(order[s * local_batch : (s + 1) * local_batch]) for s in range(steps_per_epoch)]
         model.train()
         sums: dict[str, torch.Tensor] = {}
         epoch_start = time.time()
-        for step in range(steps_per_epoch):
-            idx = np.sort(order[step * local_batch : (step + 1) * local_batch])
+        epoch_images = 0
+        for step, idx in enumerate(batches):
             batch = torch.from_numpy(images[idx])
             if pin:
                 batch = batch.pin_memory()
@@ -300,23 +306,24 @@ def train_worker(config: dict[str, Any]) -> None:
             optimizer.step()
             scheduler.step()
             global_step = epoch * steps_per_epoch + step
-            raw.after_optimizer_step((global_step + 1) / total_steps)
+            raw.after_optimizer_step(min(1.0, (global_step + 1) / total_steps))
+            epoch_images += len(idx)
             for key, value in out.items():
                 value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
                 sums[key] = sums.get(key, 0.0) + value
             steps_done_here += 1
-            if rank == 0 and ((step + 1) % stage["log_every_steps"] == 0 or step + 1 == steps_per_epoch):
+            if rank == 0 and ((step + 1) % stage["log_every_steps"] == 0 or step + 1 == len(batches)):
                 elapsed = time.time() - stage_start
-                remaining = (epochs - epoch) * steps_per_epoch - (step + 1)
-                rate = local_batch * world * (step + 1) / max(1e-9, time.time() - epoch_start)
+                remaining = (epochs - epoch) * len(batches) - (step + 1)
+                rate = epoch_images * world / max(1e-9, time.time() - epoch_start)
                 eta = elapsed / steps_done_here * remaining
                 print(
-                    f"{tag} epoch {epoch + 1}/{epochs} step {step + 1}/{steps_per_epoch} "
+                    f"{tag} epoch {epoch + 1}/{epochs} step {step + 1}/{len(batches)} "
                     f"loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e} img/s {rate:.0f} ETA {_format_eta(eta)}",
                     flush=True,
                 )
         epoch_time = time.time() - epoch_start
-        means = {k: (v / steps_per_epoch) for k, v in sums.items()}
+        means = {k: (v / max(1, len(batches))) for k, v in sums.items()}
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             keys = sorted(means)
             stacked = torch.stack([means[k].to(device) for k in keys])
@@ -327,7 +334,7 @@ def train_worker(config: dict[str, Any]) -> None:
             peak_memory_mb=peak_memory_mb(device),
             epoch=epoch + 1,
             lr=float(scheduler.get_last_lr()[0]),
-            images_per_sec=local_batch * world * steps_per_epoch / max(epoch_time, 1e-9),
+            images_per_sec=epoch_images * world / max(epoch_time, 1e-9),
             epoch_time_s=epoch_time,
         )
         if rank == 0:

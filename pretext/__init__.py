@@ -25,6 +25,10 @@ METHODS: dict[str, str] = {
 }
 
 
+# Methods that refine an existing backbone (a `refine` stage with an `input:`), not pretext methods.
+REFINE_METHODS: tuple[str, ...] = ("stml",)
+
+
 def method_names() -> list[str]:
     return sorted(METHODS)
 

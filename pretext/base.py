@@ -90,6 +90,19 @@ class Method(nn.Module):
             groups.append({"params": no_decay, "weight_decay": 0.0})
         return groups
 
+    def epoch_batches(
+        self, images: Any, *, epoch: int, rank: int, world_size: int, batch_size: int, seed: int
+    ) -> list | None:
+        """This rank's batches for an epoch, as index arrays into `images` (uint8, N x C x H x W), or None
+        for the default: a shuffled distributed sampler. STML uses it for nearest-neighbour batches; every
+        rank must return the same number of batches so DDP stays in lockstep."""
+        return None
+
+    def export_module(self) -> tuple[nn.Module, dict[str, Any]]:
+        """The module saved as the stage's artifact and JSON facts that rebuild it around the timm backbone.
+        Default: the bare backbone. STML exports backbone + pooling + embedding head."""
+        return self.backbone, {}
+
     def wants_sync_batchnorm(self) -> bool:
         """True to convert BatchNorm layers to SyncBatchNorm before DDP wrapping (MoCo's BN-leak guard)."""
         return False

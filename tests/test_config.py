@@ -63,7 +63,7 @@ def test_override_by_stage_name_and_index(tmp_path):
         ("stages.simclr.optimizer.lr=-1", "stages[simclr].optimizer.lr"),
         ("stages.simclr.settings.temprature=0.1", "stages[simclr].settings.temprature: unknown key"),
         ("stages.simclr.settings.temperature=abc", "stages[simclr].settings.temperature"),
-        ("stages.simclr.method=simclrr", "unknown method 'simclrr'"),
+        ("stages.simclr.method=simclrr", "unknown pretext method 'simclrr'"),
         ("data.source=imagenet", "data.source"),
         ("ray.num_workers=0", "ray.num_workers"),
         ("stages.ev.input=nope", "input 'nope' is not an earlier stage"),
