@@ -62,3 +62,17 @@ def test_missing_and_empty_sources_exit_2(tmp_path):
                                str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert str(root) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_colorization_on_grayscale_data_exits_2_before_anything_starts(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(textwrap.dedent("""
+        name: gray
+        data: {source: digits}
+        stages: [{name: colorize, kind: pretext, method: colorization, epochs: 1}]
+    """))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir",
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "stages[colorize]: method 'colorization' needs colour images" in proc.stderr
+    assert not (tmp_path / "out" / "mlflow.db").exists()
