@@ -139,8 +139,13 @@ def read_backbone_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_backbone(directory: str | os.PathLike, *, with_meta: bool = False):
-    """Rebuild the backbone from `backbone.json` and load `model.safetensors` (no pickle)."""
+def load_backbone(directory: str | os.PathLike, *, with_meta: bool = False, bare: bool = False):
+    """Rebuild the backbone from `backbone.json` and load `model.safetensors` (no pickle).
+
+    Artifacts of refine stages carry an embedding head (`export` in the metadata): the returned module
+    is then backbone + pooling + head, which is what retrieval and clustering use. `bare=True` returns
+    just the timm backbone, e.g. to train it further.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -160,13 +165,21 @@ def load_backbone(directory: str | os.PathLike, *, with_meta: bool = False):
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise BackboneError(f"{weights}: corrupted or unreadable safetensors file ({err})") from None
+    module = model
+    if meta.get("export"):
+        if meta["export"] != "stml_embedder":
+            raise BackboneError(f"{path}: unknown exported module kind {meta['export']!r}")
+        from pretext.stml import rebuild_exported
+
+        module = rebuild_exported(model, meta)
     try:
-        model.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise BackboneError(f"{weights} does not match architecture '{meta['timm_name']}': {first}") from None
-    model.eval()
-    return (model, meta) if with_meta else model
+    module = model if bare else module
+    module.eval()
+    return (module, meta) if with_meta else module
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -134,7 +134,7 @@ def build_stage_method(job: TrainJob, device: torch.device):
                 f"stage '{stage['name']}': input backbone {job.init_artifact} takes {meta['in_chans']} channel(s), "
                 f"method '{stage['method']}' needs {backbone_chans}"
             )
-        backbone = load_backbone(job.init_artifact)
+        backbone = load_backbone(job.init_artifact, bare=True)
         feature_dim = meta["feature_dim"]
         backbone.train()
     else:

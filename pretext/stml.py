@@ -15,7 +15,7 @@ Where the paper leaves room, this module follows the authors' code (github.com/t
   views of an image are forced into each other's k' set (their affinity is set to 1 for ranking only;
   W keeps the real W_P). k' is capped at the batch size.
 - k-reciprocal sets R(i) = {j in kNN(i) : i in kNN(j)} therefore contain i.
-- Query expansion averages the W_C rows of the ``round(k'/2)`` nearest neighbours (self included; numpy
+- Query expansion averages the W~ rows of the ``round(k'/2)`` nearest neighbours (self included; numpy
   rounding, half to even, at least 1; for the usual even k' this is k'/2).
 - Ties in the ranking (self vs. the other views, all at affinity 1) are broken self first, then by
   index, so results are deterministic (the authors' ``torch.topk`` leaves them to the kernel).
@@ -24,12 +24,18 @@ Where the paper leaves room, this module follows the authors' code (github.com/t
   not L2-normalized in the losses (authors' default ``student_norm=0``); teacher g embeddings are.
 - The KL term is KL(softmax(-d^g_i) || softmax(-d^f_i)) with temperature 1, over full rows (the
   diagonal, distance 0, included), summed over rows and divided by B; the g side is detached.
-- The total is (RC(f) + RC(g)) / 2 + KL.
+- The total is (RC(f) + RC(g)) / 2 + KL (``rc_weight`` and ``kl_weight``, both 1, scale the two terms).
 - Pooling is global average + global max pooling, summed; heads are linear with orthogonal init and
   zero bias. The teacher runs in eval mode, and its BN buffers follow the student's by the same EMA as
   its weights (the authors' ``Momentum_Update`` over the state dict).
 - The EMA uses the post-step student weights (our ``after_optimizer_step`` contract; the authors update
   just before ``opt.step()``, a one-step lag).
+
+With these choices the losses equal the authors' ``STML_loss`` on random batches to float32 rounding.
+
+Pipeline hooks: :meth:`STML.epoch_batches` re-embeds the training images every epoch and returns this
+rank's neighbourhood batches; :meth:`STML.export_module` exports the retrieval embedder
+(:class:`STMLEmbedder`, rebuilt by :func:`rebuild_exported`).
 
 The paper fine-tunes an ImageNet-pretrained backbone; in this pipeline STML is meant as a refinement
 stage on a pretrained backbone (e.g. after MoCo). From scratch it trains, but the teacher's eval-mode BN
@@ -62,6 +68,8 @@ __all__ = [
     "neighbour_batches",
     "neighbour_batch_count",
     "embed_for_sampling",
+    "rebuild_exported",
+    "EXPORT_KIND",
 ]
 
 
@@ -111,7 +119,26 @@ class STMLEmbedder(nn.Module):
         return F.normalize(z, dim=1) if self.normalize_output else z
 
 
+EXPORT_KIND = "stml_embedder"
+
+
+def rebuild_exported(backbone: nn.Module, meta: dict[str, Any]) -> STMLEmbedder:
+    """The module of an STML artifact around a freshly built backbone; load the artifact's state dict into it.
+
+    ``meta`` is the artifact metadata: ``feature_dim`` (the backbone's) and ``embedding_dim``.
+    """
+    if meta.get("export") != EXPORT_KIND:
+        raise ValueError(f"not an STML export: export={meta.get('export')!r}")
+    head = nn.Linear(int(meta["feature_dim"]), int(meta["embedding_dim"]))
+    return STMLEmbedder(backbone, head, normalize=bool(meta.get("l2_normalize", True)))
+
+
 # -- pseudo labels ---------------------------------------------------------------------------------
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Half/bf16 -> float32, float64 kept (so exact checks can run in double precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
 
 def _pairwise_distances(x: Tensor) -> Tensor:
     """Euclidean distances, (B, B), computed directly rather than via |x|^2 + |y|^2 - 2xy.
@@ -158,7 +185,7 @@ def contextualized_similarity(
         raise ValueError(f"need k >= 1, views >= 1 and N divisible by views; got k={k}, views={views}, N={n}")
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
-    t = t.detach().float()
+    t = _at_least_fp32(t.detach())
     device = t.device
     w_p = torch.exp(-_pairwise_distances(t).pow(2) / sigma)
 
@@ -209,7 +236,7 @@ def relaxed_contrastive_loss(emb: Tensor, W: Tensor, delta: float) -> Tensor:
         raise ValueError("the relaxed contrastive loss needs at least 2 embeddings")
     if W.shape != (n, n):
         raise ValueError(f"W must be ({n}, {n}), got {tuple(W.shape)}")
-    d = mean_normalized_distances(emb.float())
+    d = mean_normalized_distances(_at_least_fp32(emb))
     W = W.to(d.dtype)
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=d.device)
     pull = W * d.pow(2)
@@ -224,8 +251,8 @@ def self_distillation_kl(emb_f: Tensor, emb_g: Tensor) -> Tensor:
     rank neighbours like g without g being pulled toward f.
     """
     n = emb_f.shape[0]
-    log_q = F.log_softmax(-mean_normalized_distances(emb_f.float()), dim=1)
-    log_p = F.log_softmax(-mean_normalized_distances(emb_g.detach().float()), dim=1)
+    log_q = F.log_softmax(-mean_normalized_distances(_at_least_fp32(emb_f)), dim=1)
+    log_p = F.log_softmax(-mean_normalized_distances(_at_least_fp32(emb_g.detach())), dim=1).to(log_q.dtype)
     return F.kl_div(log_q, log_p, reduction="sum", log_target=True) / n
 
 
@@ -341,6 +368,38 @@ class STML(Method):
     def artifact_extras(self) -> dict[str, Any]:
         s: STMLSettings = self.settings
         return {"stml": {"embedding_dim": s.embedding_dim, "pooling": "gap+gmp", "head": "f", "l2_normalized": True}}
+
+    # -- pipeline hooks --------------------------------------------------------------------------
+    def epoch_batches(
+        self, images: Any, *, epoch: int, rank: int, world_size: int, batch_size: int, seed: int
+    ) -> list[np.ndarray]:
+        """Nearest-neighbour batches from the student's current g embeddings of all ``images``.
+
+        Re-embedded every epoch, as the authors do (each rank embeds all images: the query split needs
+        no communication). As many batches as the default sampler gives, ``(N // world_size) //
+        batch_size``, so the trainer's step count and LR schedule hold: that takes ``steps * ceil(batch_size
+        / k) * world_size`` queries (about N / k), a fresh random subset every epoch -- the authors' epoch.
+        """
+        n = len(images)
+        steps = (n // world_size) // batch_size
+        if steps < 1:
+            raise ValueError(f"stml: {n} images are too few for {world_size} worker(s) with batches of {batch_size}")
+        k = int(self.settings.num_neighbors)
+        num_queries = min(n, steps * math.ceil(batch_size / k) * world_size)
+        embeddings = embed_for_sampling(self, images)
+        return neighbour_batches(embeddings, num_neighbors=k, batch_size=batch_size, seed=seed, epoch=epoch,
+                                 rank=rank, world_size=world_size, num_queries=num_queries)
+
+    def export_module(self) -> tuple[nn.Module, dict[str, Any]]:
+        """The retrieval embedder (backbone + GAP/GMP + f, L2-normalized), sharing the method's modules.
+
+        Its state dict holds ``backbone.*`` and ``head.*``; :func:`rebuild_exported` makes the empty module
+        back from a timm backbone and these facts.
+        """
+        s: STMLSettings = self.settings
+        meta = {"export": EXPORT_KIND, "embedding_dim": int(s.embedding_dim), "pooling": "gap+gmp",
+                "l2_normalize": True}
+        return self.embedder("f", copy_modules=False), meta
 
 
 # -- neighbourhood batches -------------------------------------------------------------------------
