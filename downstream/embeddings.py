@@ -74,7 +74,7 @@ def embed_images(
     chunks = []
     try:
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
+            batch = torch.from_numpy(np.array(images[start : start + batch_size], copy=True)).to(device)
             x = prepare_batch(batch, input_size=input_size, mean=mean, std=std, in_chans=in_chans,
                               input_transform=input_transform)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):

@@ -217,6 +217,9 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from torch.utils.data import DistributedSampler
 
+    import logging
+
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every fallback at INFO
     job = TrainJob(**config["job"])
     stage = job.stage
     ctx = ray.train.get_context()
