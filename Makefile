@@ -35,6 +35,9 @@ test: setup
 bench: setup
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/speed.py --method moco
+	$(BIN)/python bench/pretext.py
+	$(BIN)/python bench/stml.py
 
 clean:
 	rm -rf runs bench/_work .pytest_cache
