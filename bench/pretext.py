@@ -66,7 +66,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}.",
         "Command: `python bench/pretext.py`. Fashion-MNIST: configs/fmnist_all_pretext.yaml (3000 training "
-        "images, 2 epochs per method, resnet18 small stem stride 2, 28 px, 2 Ray Train workers; kNN k=200 t=0.1 "
+        "images, 2 epochs per method (jigsaw: 1), resnet18 small stem stride 2, 28 px, 2 Ray Train workers; kNN k=200 t=0.1 "
         "with the training subset as memory bank; NMI of k-means k=10 on 2000 test images). Colorization: "
         "configs/photos_colorization.yaml on scikit-image's sample photos (no labels, so no kNN/NMI). "
         "images/s counts source images (a rotation step sees 4 rotated copies, a jigsaw step 9 tiles per image); "
