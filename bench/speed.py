@@ -56,29 +56,33 @@ def build(stem_stride: int):
     return build_backbone("resnet18", small_image_stem=True, stem_stride=stem_stride)
 
 
-def lightly_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> float:
-    """lightly's SimCLR example, unchanged in substance: PIL dataset -> SimCLRTransform -> DataLoader."""
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import SimCLRProjectionHead
-    from lightly.transforms import SimCLRTransform
+def _pil_loader(data: np.ndarray, transform, batch: int):
+    """lightly's example data path: grayscale uint8 -> PIL RGB -> lightly transform, in 2 DataLoader workers."""
     from PIL import Image
-
-    transform = SimCLRTransform(input_size=32, min_scale=0.3, cj_strength=0.5, gaussian_blur=0.0)
 
     class PILSet(torch.utils.data.Dataset):
         def __len__(self):
             return len(data)
 
         def __getitem__(self, i):
-            img = Image.fromarray(data[i, 0]).convert("RGB")
-            return transform(img), 0
+            return transform(Image.fromarray(data[i, 0]).convert("RGB")), 0
 
+    return torch.utils.data.DataLoader(PILSet(), batch_size=batch, shuffle=True, drop_last=True, num_workers=2,
+                                       persistent_workers=True)
+
+
+def lightly_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> float:
+    """lightly's SimCLR example, unchanged in substance: PIL dataset -> SimCLRTransform -> DataLoader."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.transforms import SimCLRTransform
+
+    transform = SimCLRTransform(input_size=32, min_scale=0.3, cj_strength=0.5, gaussian_blur=0.0)
     backbone, dim = build(stem_stride)
     model = torch.nn.Sequential(backbone, SimCLRProjectionHead(dim, 512, 128))
     criterion = NTXentLoss(temperature=0.2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    loader = torch.utils.data.DataLoader(PILSet(), batch_size=batch, shuffle=True, drop_last=True, num_workers=2,
-                                         persistent_workers=True)
+    loader = _pil_loader(data, transform, batch)
     times = []
     it = iter(loader)
     for step in range(steps + 1):
@@ -102,25 +106,15 @@ def lightly_moco_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int
     from lightly.models.modules import MoCoProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     from lightly.transforms import MoCoV2Transform
-    from PIL import Image
 
     transform = MoCoV2Transform(input_size=32, min_scale=0.3, cj_strength=0.5, gaussian_blur=0.0)
-
-    class PILSet(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(data)
-
-        def __getitem__(self, i):
-            return transform(Image.fromarray(data[i, 0]).convert("RGB")), 0
-
     backbone, dim = build(stem_stride)
     query = torch.nn.Sequential(backbone, MoCoProjectionHead(dim, 512, 128))
     key = copy.deepcopy(query)
     deactivate_requires_grad(key)
     criterion = NTXentLoss(temperature=0.2, memory_bank_size=(4096, 128))
     optimizer = torch.optim.AdamW(query.parameters(), lr=2e-3)
-    loader = torch.utils.data.DataLoader(PILSet(), batch_size=batch, shuffle=True, drop_last=True, num_workers=2,
-                                         persistent_workers=True)
+    loader = _pil_loader(data, transform, batch)
     times = []
     it = iter(loader)
     for step in range(steps + 1):

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
 ARTIFACT_FORMAT = "sslpipe.backbone/1"
@@ -180,11 +179,3 @@ def load_backbone(directory: str | os.PathLike, *, with_meta: bool = False, bare
     module = model if bare else module
     module.eval()
     return (module, meta) if with_meta else module
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pretext import REFINE_METHODS, method_names, method_settings
 from pretext.settings import StrictSettings
-
-DATA_SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "photos", "folder")
-
 
 class ConfigError(Exception):
     """A config that cannot run. The CLI prints the message and exits with code 2."""

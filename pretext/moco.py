@@ -39,7 +39,7 @@ from lightly.models.utils import (
 )
 from lightly.utils import dist as lightly_dist
 from lightly.utils.scheduler import cosine_schedule
-from torch import Tensor, nn
+from torch import Tensor
 
 from pretext.base import Method
 from pretext.settings import MoCoSettings
