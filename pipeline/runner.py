@@ -86,7 +86,9 @@ class PipelineRun:
         return path
 
     # -- stages ---------------------------------------------------------------------------------
-    def _run_pretext(self, stage: PretextStage, inp: str | None, run_id: str, fp: str) -> StageResult:
+    def _run_pretext(self, stage: PretextStage, inp: str | None, run_id: str, fp: str, *,
+                     images: np.ndarray | None = None, labels: np.ndarray | None = None) -> StageResult:
+        """Train a stage under Ray Train: on the training split, or on `images` (+ `labels` for labeled methods)."""
         import ray
 
         from pipeline.trainer import TrainJob, fit_stage
@@ -99,13 +101,18 @@ class PipelineRun:
                             f"data source '{cfg.data.source}' is grayscale")
         init_artifact = self.results[inp].artifacts["backbone"] if inp else None
         mean, std = channel_stats(self.train.images, cfg.backbone.in_chans)
-        if not hasattr(self, "_data_ref"):
-            self._data_ref = ray.put(self.train.images)
+        if images is None:
+            if not hasattr(self, "_data_ref"):
+                self._data_ref = ray.put(self.train.images)
+            data_ref = self._data_ref
+        else:
+            data_ref = ray.put(images)
         job = TrainJob(
             stage=stage.model_dump(mode="json"),
             backbone=cfg.backbone.model_dump(mode="json"),
             seed=cfg.seed,
-            data=[self._data_ref],
+            data=[data_ref],
+            labels=None if labels is None else [ray.put(np.asarray(labels, dtype=np.int64))],
             mean=mean,
             std=std,
             init_artifact=init_artifact,
@@ -163,7 +170,7 @@ class PipelineRun:
 
     @staticmethod
     def _method_requires_color(method: str) -> bool:
-        from pretext import method_class
+        from pipeline.methods import method_class
 
         return bool(getattr(method_class(method), "requires_color", False))
 

@@ -43,6 +43,8 @@ class TrainJob:
     mean: list[float]
     std: list[float]
     init_artifact: str | None = None
+    # [ray.ObjectRef of an int64 (N,) array] for methods with `needs_labels` (fine-tuning, metric learning)
+    labels: list | None = None
     tracking_uri: str | None = None
     run_id: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -123,7 +125,7 @@ def _log_mlflow(uri: str | None, run_id: str | None, metrics: dict[str, float], 
 def build_stage_method(job: TrainJob, device: torch.device):
     """Backbone (fresh or from the input artifact) wrapped in the stage's method."""
     from pipeline.backbones import BackboneError, build_backbone, load_backbone, read_backbone_meta
-    from pretext import build_method, method_class
+    from pipeline.methods import build_method, method_class
 
     bb, stage = job.backbone, job.stage
     backbone_chans = method_class(stage["method"]).backbone_channels or bb["in_chans"]
@@ -231,6 +233,11 @@ def train_worker(config: dict[str, Any]) -> None:
     images = ray.get(job.data[0])  # read-only uint8 (N, C, H, W) from the object store
     num_images = len(images)
     method, feature_dim = build_stage_method(job, device)
+    labels = None
+    if getattr(method, "needs_labels", False):
+        if not job.labels:
+            raise ValueError(f"stage '{stage['name']}': method '{stage['method']}' needs labels")
+        labels = np.asarray(ray.get(job.labels[0]), dtype=np.int64)
     if world > 1 and method.wants_sync_batchnorm():
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     model = ray.train.torch.prepare_model(method)
@@ -297,7 +304,10 @@ def train_worker(config: dict[str, Any]) -> None:
             x = batch.to(device, non_blocking=True).float().div_(255.0)
             x = match_channels(x, in_chans).contiguous(memory_format=memory_format)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(x)
+                if labels is None:
+                    out = model(x)
+                else:
+                    out = model(x, torch.from_numpy(labels[idx]).to(device, non_blocking=True))
             loss = out["loss"]
             if not torch.isfinite(loss.detach()):
                 raise NonFiniteLossError(

@@ -40,6 +40,9 @@ class Method(nn.Module):
     # How evaluation turns an image batch into backbone input: "rgb" (channel match + normalize) or
     # "lab_l" (CIE L of the sRGB image, then normalize). Saved in the artifact.
     input_transform: ClassVar[str] = "rgb"
+    # Labeled methods (downstream fine-tuning, metric learning) set this; the loop then calls
+    # `forward(images, labels)` with an int64 label tensor for the batch.
+    needs_labels: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -69,7 +72,9 @@ class Method(nn.Module):
         return self.backbone(x)
 
     # -- contract --------------------------------------------------------------------------------
-    def forward(self, images: Tensor) -> dict[str, Any]:
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
+        if self.needs_labels:
+            return self.training_step(images, labels)
         return self.training_step(images)
 
     def training_step(self, images: Tensor) -> dict[str, Any]:  # pragma: no cover - abstract
