@@ -149,3 +149,29 @@ def test_rerun_with_fewer_clusters_leaves_no_stale_pages(tmp_path):
     _, artifacts = evaluate(_stage(tsne=False, clusters=2, html_report=False), **kwargs)
     assert len(list((tmp_path / "clusters").glob("*.png"))) == 2
     assert "report" not in artifacts
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"retrieval_distance": "manhattan"}, "stages[ev].retrieval_distance: Input should be 'euclidean', 'cosine' or 'mahalanobis'"),
+    ({"retrieval_gallery": "test"}, "stages[ev].retrieval_gallery:"),
+    ({"recall_at": [1, 0]}, "stages[ev].recall_at[1]:"),
+    ({"clusters": 1}, "stages[ev].clusters: clusters must be an integer >= 2 or 'auto', got 1"),
+    ({"clusters": "many"}, "stages[ev].clusters: clusters must be an integer >= 2 or 'auto', got 'many'"),
+    ({"choose_k": {"min": 5, "max": 3}}, "stages[ev].choose_k: max (3) must be >= min (5)"),
+    ({"choose_k": {"min": 2, "maxk": 3}}, "stages[ev].choose_k.maxk: unknown key"),
+    ({"clusters": 4, "choose_k": {"min": 2}}, "choose_k applies to clusters: auto, but clusters is 4"),
+    ({"mahalanobis_shrinkage": 1.5}, "stages[ev].mahalanobis_shrinkage: mahalanobis_shrinkage must be in [0, 1]"),
+])
+def test_bad_evaluate_keys_name_the_key(overrides, message):
+    from pipeline.config import ConfigError, validate_config
+
+    stage = {"name": "ev", "kind": "evaluate", "input": "pixels", **overrides}
+    with pytest.raises(ConfigError) as err:
+        validate_config({"data": {"source": "digits"}, "stages": [stage]})
+    assert message in str(err.value)
+
+
+def test_choose_k_alone_means_auto_and_recall_at_is_sorted():
+    stage = _stage(choose_k={"min": 3, "max": 7}, recall_at=[8, 1, 4, 1])
+    assert stage["clusters"] == "auto" and stage["choose_k"] == {"min": 3, "max": 7}
+    assert stage["recall_at"] == [1, 4, 8]
