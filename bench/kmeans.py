@@ -9,7 +9,7 @@ may stop earlier if the assignment stops changing, its iteration count is report
 faiss with its default subsampling, as the evaluate stage runs it. Wall times are the best of
 `--repeats` runs. Writes the section "## faiss vs scikit-learn k-means" of bench/RESULTS.md.
 
-Usage: python bench/kmeans.py [--quick] [--repeats 3] [--iterations 20] [--no-write]
+Usage: python bench/kmeans.py [--quick] [--repeats 3] [--iterations 20] [--threads N] [--no-write]
 """
 
 from __future__ import annotations
@@ -88,15 +88,22 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both libraries (default: all cores). faiss' OpenMP slows down badly "
+                             "when the cores are shared with other busy processes; 1 thread is then fairer")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     args = parser.parse_args()
     if args.quick:
         args.points, args.ks, args.repeats = 6000, [10], 1
 
-    from threadpoolctl import threadpool_info
+    import faiss
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     from bench.speed import write_section
 
+    if args.threads is not None:
+        faiss.omp_set_num_threads(args.threads)
+        threadpool_limits(args.threads)
     x, labels = embeddings(args.points)
     table = []
     for k in args.ks:
@@ -118,12 +125,14 @@ def main() -> None:
     flags = " --quick" if args.quick else ""
     if not args.quick and (args.ks != [10, 100] or args.iterations != 20 or args.repeats != 3 or args.points != 60000):
         flags += f" --points {args.points} --ks {' '.join(map(str, args.ks))} --iterations {args.iterations} --repeats {args.repeats}"
+    if args.threads is not None:
+        flags += f" --threads {args.threads}"
     lines = [
         HEADING + " (bench/kmeans.py)",
         "",
         f"Machine: {cpu}, {os.cpu_count()} cores; faiss {__import__('faiss').__version__} "
         f"({table[0][0]['threads']} OpenMP threads), scikit-learn {__import__('sklearn').__version__} "
-        f"({sk_threads} OpenMP threads).",
+        f"({sk_threads} OpenMP threads); load average {os.getloadavg()[0]:.1f} at the end of the run.",
         f"Command: `python bench/kmeans.py{flags}`.",
         "",
         f"Embeddings: {len(x):,} Fashion-MNIST training images, pixels in [0, 1] randomly projected to "
