@@ -61,13 +61,18 @@ def quick_evaluate(artifact: Path, train: ImageSet, evalset: ImageSet, *, k: int
 def _retrieval(stage: dict[str, Any], train_x: np.ndarray, train: ImageSet, eval_x: np.ndarray,
                evalset: ImageSet, log: Callable[[str], None]) -> dict[str, float]:
     """Retrieval metrics of the evaluation split: leave-one-out, or eval queries against the train split."""
-    from downstream.retrieval import retrieval_metrics
+    from downstream.retrieval import relevant_counts, retrieval_metrics
 
     name = stage["name"]
     gallery = stage.get("retrieval_gallery", "eval")
     distance = stage.get("retrieval_distance", "cosine")
     if gallery == "train" and train.labels is None:
         log(f"[{name}] retrieval against the train split skipped: the train split has no labels")
+        return {}
+    g_labels = train.labels if gallery == "train" else evalset.labels
+    if not (relevant_counts(evalset.labels, g_labels, leave_one_out=gallery == "eval") > 0).any():
+        why = "shares no class with the train split" if gallery == "train" else "has no two images of one class"
+        log(f"[{name}] retrieval skipped: the evaluation split {why}")
         return {}
     metrics = retrieval_metrics(
         eval_x, evalset.labels, ks=stage.get("recall_at"), metric=distance,

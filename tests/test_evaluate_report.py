@@ -175,3 +175,16 @@ def test_choose_k_alone_means_auto_and_recall_at_is_sorted():
     stage = _stage(choose_k={"min": 3, "max": 7}, recall_at=[8, 1, 4, 1])
     assert stage["clusters"] == "auto" and stage["choose_k"] == {"min": 3, "max": 7}
     assert stage["recall_at"] == [1, 4, 8]
+
+
+def test_retrieval_against_a_train_split_without_shared_classes_is_skipped(tmp_path):
+    train, evalset = _squares(5, 0), _squares(5, 1)
+    train = train.subset(np.flatnonzero(train.labels < 2))
+    evalset = evalset.subset(np.flatnonzero(evalset.labels >= 2))
+    lines: list[str] = []
+    metrics, _ = evaluate(_stage(retrieval=True, retrieval_gallery="train", tsne=False, clusters=2,
+                                 html_report=False),
+                          artifact=None, train=train, evalset=evalset, out_dir=tmp_path, log=lines.append)
+    assert not any(k.startswith("recall_at") for k in metrics)
+    assert any("retrieval skipped" in line and "shares no class" in line for line in lines)
+    assert "nmi" in metrics  # the rest of the stage still ran
