@@ -5,13 +5,17 @@ imports) so they can run in any worker and be unit-tested in isolation.
 """
 
 from .assignments import read_assignments, write_assignments
+from .choose_k import ChooseKResult, choose_k
 from .kmeans import KMeansResult, kmeans
 from .metrics import ari, cluster_accuracy, cluster_metrics, nmi, pair_f1, purity
-from .plots import cluster_grid, embedding_2d, scatter_plot
+from .plots import cluster_grid, cluster_pages, embedding_2d, scatter_plot, silhouette_plot
+from .report import html_report
 
 __all__ = [
     "KMeansResult",
     "kmeans",
+    "ChooseKResult",
+    "choose_k",
     "nmi",
     "ari",
     "cluster_accuracy",
@@ -21,6 +25,9 @@ __all__ = [
     "embedding_2d",
     "scatter_plot",
     "cluster_grid",
+    "cluster_pages",
+    "silhouette_plot",
+    "html_report",
     "write_assignments",
     "read_assignments",
 ]

@@ -75,6 +75,7 @@ def kmeans(
     spherical: bool = False,
     use_gpu: bool | None = None,
     max_points_per_centroid: int | None = None,
+    init_centroids=None,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` into ``k`` groups with ``faiss.Kmeans``.
 
@@ -93,6 +94,9 @@ def kmeans(
         max_points_per_centroid: faiss subsamples the training set to
             ``k * max_points_per_centroid`` points; ``None`` keeps faiss'
             default (256). All N points are assigned regardless.
+        init_centroids: optional (k, D) starting centroids instead of faiss'
+            random points (e.g. to compare implementations from one start);
+            with ``nredo > 1`` every run starts from them.
 
     Returns:
         :class:`KMeansResult` with the final assignment of every point to its
@@ -144,8 +148,16 @@ def kmeans(
     if gpu:
         params["gpu"] = True
 
+    init = None
+    if init_centroids is not None:
+        init = np.ascontiguousarray(init_centroids, dtype=np.float32)
+        if init.shape != (k, d):
+            raise ValueError(f"kmeans: init_centroids must have shape ({k}, {d}), got {init.shape}")
+        if spherical:
+            init = np.ascontiguousarray(_l2_normalize(init))
+
     km = faiss.Kmeans(d, k, **params)
-    km.train(x)
+    km.train(x, init_centroids=init)
     centroids = np.ascontiguousarray(km.centroids, dtype=np.float32).reshape(k, d)
     if spherical:
         # faiss already renormalizes each iteration; redo it so the invariant

@@ -16,7 +16,7 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["embedding_2d", "scatter_plot", "cluster_grid"]
+__all__ = ["embedding_2d", "scatter_plot", "cluster_grid", "cluster_pages", "silhouette_plot"]
 
 # Grid geometry (pixels).
 _PAD = 4  # gap between tiles and around the mosaic
@@ -95,11 +95,11 @@ def embedding_2d(x, *, method: str = "tsne", max_points: int = 5000, seed: int =
         ).fit_transform(sub)
     else:
         try:
-            import umap  # optional, slow to import (numba) -> only when asked for
-        except ImportError as e:
+            import umap  # slow to import (numba) -> only when asked for
+        except Exception as e:  # missing, or a broken numba/llvmlite install failing at import
             raise ImportError(
-                "embedding_2d(method='umap') needs the optional umap-learn package: "
-                "pip install umap-learn  (or install sslpipe with the [umap] extra)"
+                f"embedding_2d(method='umap') could not import umap-learn ({type(e).__name__}: {e}); "
+                "pip install umap-learn"
             ) from e
         coords = umap.UMAP(
             n_components=2, n_neighbors=max(2, min(15, m - 1)), random_state=seed
@@ -333,3 +333,130 @@ def cluster_grid(
                 x0 = label_w + j * (tw + _PAD)
                 draw.text((x0, y0 + th), _fit(font, names[i], tw), fill=(60, 60, 60), font=font)
     return _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+# --------------------------------------------------------------------------- per-cluster pages
+
+
+def _tiles(images: np.ndarray, scale: int) -> list[np.ndarray]:
+    out = []
+    for tile in images:
+        tile = tile.transpose(1, 2, 0)  # (H, W, C)
+        if tile.shape[2] == 1:
+            tile = np.repeat(tile, 3, axis=2)
+        if scale > 1:
+            tile = tile.repeat(scale, axis=0).repeat(scale, axis=1)
+        out.append(tile)
+    return out
+
+
+def cluster_pages(
+    images,
+    assignments,
+    distances,
+    folder,
+    *,
+    clusters,
+    per_page: int = 48,
+    columns: int = 12,
+    class_names=None,
+) -> list[str]:
+    """Write one PNG per cluster id in ``clusters`` (``cluster_000.png``, ...): its ``per_page`` most
+    central members, row by row, under a title with the cluster size (and majority class).
+
+    The overview grid shows a dozen images per cluster; a page per cluster shows enough of each one to
+    judge it, including clusters that are empty (a page that says so) or tiny.
+
+    Returns the paths, in the order of ``clusters``.
+    """
+    from PIL import Image, ImageDraw
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or images.dtype != np.uint8:
+        raise ValueError(
+            f"cluster_pages: images must be uint8 (N, C, H, W) with C in {{1, 3}}, got {images.dtype} {images.shape}"
+        )
+    n, _, h, w = images.shape
+    assignments = np.asarray(assignments).ravel()
+    distances = np.asarray(distances, dtype=np.float64).ravel()
+    if assignments.shape[0] != n or distances.shape[0] != n:
+        raise ValueError(
+            f"cluster_pages: got {n} images but {assignments.shape[0]} assignments and {distances.shape[0]} distances"
+        )
+    if per_page < 1 or columns < 1:
+        raise ValueError(f"cluster_pages: per_page and columns must be >= 1, got {per_page} and {columns}")
+    names = None
+    if class_names is not None:
+        names = [str(v) for v in (class_names.tolist() if isinstance(class_names, np.ndarray) else class_names)]
+        if len(names) != n:
+            raise ValueError(f"cluster_pages: class_names has {len(names)} entries, expected {n}")
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    width_digits = max(3, len(str(max([int(c) for c in clusters], default=0))))
+
+    scale = max(1, math.ceil(_MIN_TILE / h))
+    th, tw = h * scale, w * scale
+    font = _font()
+    line_h = int(math.ceil(font.getbbox("Ag")[3])) + 2
+    cap_h = line_h if names is not None else 0
+    paths = []
+    for c in clusters:
+        c = int(c)
+        members = np.flatnonzero(assignments == c)
+        order = members[np.argsort(distances[members], kind="stable")][:per_page]
+        title = f"cluster {c}: {members.size} images"
+        if members.size > order.size:
+            title += f", the {order.size} nearest the centroid"
+        if names is not None and members.size:
+            vals, counts = np.unique([names[i] for i in members], return_counts=True)
+            top = int(np.argmax(counts))
+            title += f"; top class {vals[top]} ({100.0 * counts[top] / members.size:.0f}%)"
+        if not members.size:
+            title += " (empty)"
+        cols = min(columns, max(1, order.size))
+        rows = max(1, math.ceil(order.size / cols))
+        title_h = line_h + _PAD
+        width = max(_PAD + cols * (tw + _PAD), 2 * _PAD + _text_w(font, title))
+        height = _PAD + title_h + rows * (th + cap_h + _PAD)
+        canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+        for j, tile in enumerate(_tiles(images[order], scale)):
+            y0 = _PAD + title_h + (j // cols) * (th + cap_h + _PAD)
+            x0 = _PAD + (j % cols) * (tw + _PAD)
+            canvas[y0 : y0 + th, x0 : x0 + tw] = tile
+        img = Image.fromarray(canvas)
+        draw = ImageDraw.Draw(img)
+        draw.text((_PAD, _PAD), title, fill=(0, 0, 0), font=font)
+        if names is not None:
+            for j, i in enumerate(order):
+                y0 = _PAD + title_h + (j // cols) * (th + cap_h + _PAD)
+                x0 = _PAD + (j % cols) * (tw + _PAD)
+                draw.text((x0, y0 + th), _fit(font, names[i], tw), fill=(60, 60, 60), font=font)
+        path = os.path.join(folder, f"cluster_{c:0{width_digits}d}.png")
+        paths.append(_atomic_write(path, lambda tmp, img=img: img.save(tmp, format="PNG")))
+    return paths
+
+
+# --------------------------------------------------------------------------- choosing k
+
+
+def silhouette_plot(silhouettes: dict, chosen: int, path, *, title: str = "") -> str:
+    """Silhouette against k, the chosen k marked: shows whether the choice is a clear peak or a coin toss."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not silhouettes:
+        raise ValueError("silhouette_plot: no silhouettes to plot")
+    ks = sorted(int(k) for k in silhouettes)
+    values = [float(silhouettes[k]) for k in ks]
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(ks, values, marker="o")
+    if chosen in silhouettes:
+        ax.axvline(chosen, color="tab:red", linestyle="--", label=f"chosen k = {chosen}")
+        ax.legend(frameon=False)
+    ax.set_xlabel("k (clusters)")
+    ax.set_ylabel("silhouette")
+    ax.set_title(title or "silhouette vs k")
+    ax.grid(alpha=0.3)
+    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight", dpi=100))

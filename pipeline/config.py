@@ -144,19 +144,75 @@ class RefineStage(PretextStage):
 
 
 class EvaluateStage(StageBase):
-    """Embeds the evaluation split with a backbone: kNN accuracy, k-means metrics, plots, assignments."""
+    """Embeds the evaluation split with a backbone: kNN accuracy, retrieval, k-means metrics, plots, report."""
+
+    class ChooseK(Strict):
+        """Range of k tried when `clusters: auto`; the k with the best silhouette wins."""
+
+        min: int = Field(2, ge=2)
+        max: int = Field(20, ge=2, le=1000)
+
+        @model_validator(mode="after")
+        def _ordered(self) -> "EvaluateStage.ChooseK":
+            if self.max < self.min:
+                raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+            return self
 
     kind: Literal["evaluate"]
     input: str = Field(description="a stage that produced a backbone, 'best', or 'pixels' for the raw-pixel baseline")
     batch_size: int = Field(512, ge=1)
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.1, gt=0.0)
-    clusters: int | None = Field(None, ge=2, description="k for k-means; default: number of classes, else 10")
+    clusters: int | Literal["auto"] | None = Field(
+        None, description="k for k-means; 'auto': best silhouette over choose_k; default: number of classes, else 10"
+    )
+    choose_k: ChooseK | None = Field(None, description="{min, max} for clusters: auto (default 2..20); implies auto")
+    spherical_kmeans: bool = Field(False, description="cosine k-means: unit-norm centroids on L2-normalized features")
     kmeans_iterations: int = Field(50, ge=1)
-    retrieval: bool = Field(False, description="Recall@1/2/4/8 and MAP@R, leave-one-out on the evaluation split")
+    retrieval: bool = Field(False, description="Recall@K, R-precision, MAP@R and mAP of the evaluation split")
+    retrieval_distance: Literal["euclidean", "cosine", "mahalanobis"] = Field(
+        "cosine", description="mahalanobis: whitening (mean, shrunk inverse sqrt covariance) fitted on the train split"
+    )
+    retrieval_gallery: Literal["eval", "train"] = Field(
+        "eval", description="eval: leave-one-out on the evaluation split; train: eval queries search the train split"
+    )
+    recall_at: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, description="default [1, 2, 4, 8], plus 10 and 100 for galleries over 1000 images"
+    )
+    mahalanobis_shrinkage: float | Literal["auto"] = Field(
+        "auto", description="covariance shrinkage towards a scaled identity in [0, 1]; auto: Ledoit-Wolf"
+    )
     tsne: bool = True
     tsne_points: int = Field(3000, ge=50)
+    umap: bool = Field(False, description="a UMAP plot next to t-SNE (umap-learn; skipped with a warning if missing)")
     grid_per_cluster: int = Field(12, ge=1, le=100)
+    cluster_page_images: int = Field(48, ge=1, le=400, description="images on each per-cluster page")
+    html_report: bool = Field(True, description="report.html: metrics, plots and cluster pages, no external files")
+
+    @field_validator("clusters", mode="before")
+    @classmethod
+    def _clusters_int_or_auto(cls, value: Any) -> Any:
+        ok = value is None or value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 2)
+        if not ok:
+            raise ValueError(f"clusters must be an integer >= 2 or 'auto', got {value!r}")
+        return value
+
+    @field_validator("mahalanobis_shrinkage")
+    @classmethod
+    def _shrinkage_range(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"mahalanobis_shrinkage must be in [0, 1] or 'auto', got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _choose_k_needs_auto(self) -> "EvaluateStage":
+        if self.choose_k is not None:
+            if isinstance(self.clusters, int):
+                raise ValueError(f"choose_k applies to clusters: auto, but clusters is {self.clusters}")
+            self.clusters = "auto"
+        if self.recall_at is not None:
+            self.recall_at = sorted(set(self.recall_at))
+        return self
 
 
 Stage = Annotated[Union[PretextStage, RefineStage, EvaluateStage], Field(discriminator="kind")]

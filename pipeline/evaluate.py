@@ -58,6 +58,50 @@ def quick_evaluate(artifact: Path, train: ImageSet, evalset: ImageSet, *, k: int
     }
 
 
+def _retrieval(stage: dict[str, Any], train_x: np.ndarray, train: ImageSet, eval_x: np.ndarray,
+               evalset: ImageSet, log: Callable[[str], None]) -> dict[str, float]:
+    """Retrieval metrics of the evaluation split: leave-one-out, or eval queries against the train split."""
+    from downstream.retrieval import relevant_counts, retrieval_metrics
+
+    name = stage["name"]
+    gallery = stage.get("retrieval_gallery", "eval")
+    distance = stage.get("retrieval_distance", "cosine")
+    if gallery == "train" and train.labels is None:
+        log(f"[{name}] retrieval against the train split skipped: the train split has no labels")
+        return {}
+    g_labels = train.labels if gallery == "train" else evalset.labels
+    if not (relevant_counts(evalset.labels, g_labels, leave_one_out=gallery == "eval") > 0).any():
+        why = "shares no class with the train split" if gallery == "train" else "has no two images of one class"
+        log(f"[{name}] retrieval skipped: the evaluation split {why}")
+        return {}
+    metrics = retrieval_metrics(
+        eval_x, evalset.labels, ks=stage.get("recall_at"), metric=distance,
+        gallery_features=train_x if gallery == "train" else None,
+        gallery_labels=train.labels if gallery == "train" else None,
+        train_features=train_x, shrinkage=stage.get("mahalanobis_shrinkage", "auto"),
+    )
+    recalls = sorted((k for k in metrics if k.startswith("recall_at_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    shown = recalls + ["r_precision", "map_at_r", "map"]
+    log(f"[{name}] retrieval ({distance}, gallery: {'leave-one-out' if gallery == 'eval' else 'train split'}, "
+        f"{int(metrics['retrieval_queries'])} queries): " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown))
+    return metrics
+
+
+def _two_d_plot(method: str, feats: np.ndarray, assignments: np.ndarray, evalset: ImageSet, stage: dict[str, Any],
+                out_dir: Path, seed: int) -> tuple[str, float]:
+    from clustering import embedding_2d, scatter_plot
+
+    t0 = time.time()
+    coords, kept = embedding_2d(feats, method=method, max_points=stage["tsne_points"], seed=seed)
+    colorings = {"cluster": assignments[kept]}
+    if evalset.labels is not None:
+        colorings = {"label": evalset.labels[kept], **colorings}
+    label = {"tsne": "t-SNE", "umap": "UMAP"}[method]
+    plot = scatter_plot(coords, colorings, out_dir / f"{method}.png",
+                        title=f"{stage['name']}: {label} of {len(kept)} images")
+    return str(plot), time.time() - t0
+
+
 def evaluate(
     stage: dict[str, Any],
     *,
@@ -68,14 +112,21 @@ def evaluate(
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """Returns (metrics, artifacts) for one backbone (or raw pixels when `artifact` is None)."""
-    from clustering import cluster_grid, cluster_metrics, embedding_2d, kmeans, scatter_plot, write_assignments
+    """Returns (metrics, artifacts) for one backbone (or raw pixels when `artifact` is None).
+
+    Artifacts are files directly in `out_dir` plus the `clusters/` folder of per-cluster pages, the layout
+    the HTML report links to (the runner logs folders under their own name, files at the artifact root).
+    """
+    from clustering import (choose_k, cluster_grid, cluster_metrics, cluster_pages, kmeans, silhouette_plot,
+                            write_assignments)
     from downstream.knn import knn_accuracy
 
     out_dir.mkdir(parents=True, exist_ok=True)
     name = stage["name"]
     metrics: dict[str, float] = {}
     artifacts: dict[str, str] = {}
+    figures: list[tuple[str, str]] = []
+    tables: dict[str, tuple[list[str], list[list]]] = {}
 
     t0 = time.time()
     if artifact is None:
@@ -97,47 +148,95 @@ def evaluate(
         log(f"[{name}] kNN accuracy (k={stage['knn_k']}, t={stage['knn_temperature']}): {metrics['knn_accuracy']:.4f}")
 
     if stage.get("retrieval") and evalset.labels is not None:
-        from downstream.retrieval import retrieval_metrics
+        t0 = time.time()
+        metrics.update(_retrieval(stage, train_x, train, eval_x, evalset, log))
+        metrics["retrieval_time_s"] = time.time() - t0
 
-        metrics.update(retrieval_metrics(eval_x, evalset.labels))
-        log(f"[{name}] retrieval: " + "  ".join(f"{k} {metrics[k]:.4f}" for k in
-                                                 ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r")))
-
-    k = stage["clusters"] or (len(np.unique(evalset.labels)) if evalset.labels is not None else 10)
-    k = min(k, len(eval_x))
+    spherical = bool(stage.get("spherical_kmeans", False))
     feats = _l2_normalize(eval_x)
     t0 = time.time()
-    km = kmeans(feats, k, niter=stage["kmeans_iterations"], seed=seed)
+    if stage["clusters"] == "auto":
+        rng = stage.get("choose_k") or {"min": 2, "max": 20}
+        chosen = choose_k(feats, rng["min"], min(rng["max"], len(eval_x) - 1), spherical=spherical,
+                          niter=stage["kmeans_iterations"], seed=seed)
+        k, km = chosen.k, chosen.result
+        metrics["silhouette"] = chosen.silhouettes[k]
+        plot = silhouette_plot(chosen.silhouettes, k, out_dir / "silhouette_vs_k.png",
+                               title=f"{name}: silhouette vs k")
+        artifacts["silhouette_vs_k"] = str(plot)
+        figures.append(("silhouette vs k", str(plot)))
+        tables["Choosing k"] = (["k", "silhouette"], [[kk, v] for kk, v in chosen.silhouettes.items()])
+        log(f"[{name}] chose k={k} by silhouette over k={min(chosen.silhouettes)}..{max(chosen.silhouettes)}: "
+            + "  ".join(f"{kk}:{v:.3f}" for kk, v in chosen.silhouettes.items()))
+    else:
+        k = stage["clusters"] or (len(np.unique(evalset.labels)) if evalset.labels is not None else 10)
+        k = min(k, len(eval_x))
+        km = kmeans(feats, k, niter=stage["kmeans_iterations"], seed=seed, spherical=spherical)
     metrics["kmeans_time_s"] = time.time() - t0
     metrics["kmeans_inertia"] = float(km.inertia)
     metrics["clusters"] = float(k)
     if evalset.labels is not None:
         metrics.update(cluster_metrics(evalset.labels, km.assignments))
         log(
-            f"[{name}] k-means (k={k}): NMI {metrics['nmi']:.4f}  ARI {metrics['ari']:.4f}  "
-            f"accuracy {metrics['cluster_accuracy']:.4f}  purity {metrics['purity']:.4f}"
+            f"[{name}] {'spherical ' if spherical else ''}k-means (k={k}): NMI {metrics['nmi']:.4f}  "
+            f"ARI {metrics['ari']:.4f}  accuracy {metrics['cluster_accuracy']:.4f}  purity {metrics['purity']:.4f}  "
+            f"pair F1 {metrics['pair_f1']:.4f}"
         )
 
     ids = evalset.ids if evalset.ids is not None else list(range(len(evalset)))
     assignments = out_dir / "assignments.csv"
     write_assignments(assignments, ids, km.assignments, km.distances, labels=evalset.labels)
     artifacts["assignments"] = str(assignments)
+    class_names = _class_names(evalset)
     grid = cluster_grid(evalset.images, km.assignments, km.distances, out_dir / "cluster_grid.png",
-                        per_cluster=stage["grid_per_cluster"])
+                        per_cluster=stage["grid_per_cluster"], clusters=range(k), class_names=class_names)
     artifacts["cluster_grid"] = str(grid)
+    figures.append(("clusters: the members nearest each centroid", str(grid)))
+    for stale in (out_dir / "clusters").glob("cluster_*.png"):  # a rerun with fewer clusters
+        stale.unlink()
+    pages = cluster_pages(evalset.images, km.assignments, km.distances, out_dir / "clusters", clusters=range(k),
+                          per_page=stage.get("cluster_page_images", 48), class_names=class_names)
+    artifacts["clusters"] = str(out_dir / "clusters")
     np.save(out_dir / "embeddings.npy", eval_x)
     artifacts["embeddings"] = str(out_dir / "embeddings.npy")
+    np.save(out_dir / "centroids.npy", km.centroids)
+    artifacts["centroids"] = str(out_dir / "centroids.npy")
 
     if stage["tsne"]:
-        t0 = time.time()
-        coords, kept = embedding_2d(feats, method="tsne", max_points=stage["tsne_points"], seed=seed)
-        colorings = {"cluster": km.assignments[kept]}
-        if evalset.labels is not None:
-            colorings = {"label": evalset.labels[kept], **colorings}
-        plot = scatter_plot(coords, colorings, out_dir / "tsne.png", title=f"{name}: t-SNE of {len(kept)} images")
-        artifacts["tsne"] = str(plot)
-        metrics["tsne_time_s"] = time.time() - t0
+        artifacts["tsne"], metrics["tsne_time_s"] = _two_d_plot("tsne", feats, km.assignments, evalset, stage,
+                                                                out_dir, seed)
+        figures.append(("t-SNE", artifacts["tsne"]))
+    if stage.get("umap"):
+        try:
+            artifacts["umap"], metrics["umap_time_s"] = _two_d_plot("umap", feats, km.assignments, evalset, stage,
+                                                                    out_dir, seed)
+            figures.append(("UMAP", artifacts["umap"]))
+        except ImportError as err:
+            log(f"[{name}] WARNING: UMAP plot skipped: {err}")
 
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     artifacts["metrics"] = str(out_dir / "metrics.json")
+
+    if stage.get("html_report", True):
+        from clustering import html_report
+
+        source = "raw pixels" if artifact is None else f"backbone {artifact}"
+        report = html_report(
+            out_dir / "report.html", title=f"{name}: evaluation of {source}", metrics=metrics,
+            figures=figures, tables=tables,
+            pages=[(f"cluster {c}", p) for c, p in zip(range(k), pages)],
+            links=[("cluster assignments (CSV)", str(assignments)), ("metrics (JSON)", artifacts["metrics"])],
+        )
+        artifacts["report"] = str(report)
+        log(f"[{name}] report: {report}")
     return metrics, artifacts
+
+
+def _class_names(evalset: ImageSet) -> list[str] | None:
+    """Per-image class names for captions when the set has labels (names when known, else the label)."""
+    if evalset.labels is None:
+        return None
+    names = getattr(evalset, "class_names", None)
+    if names:
+        return [str(names[int(y)]) if 0 <= int(y) < len(names) else str(y) for y in evalset.labels]
+    return [str(y) for y in evalset.labels]

@@ -1,40 +1,188 @@
-"""Retrieval metrics against values worked out by hand."""
+"""Retrieval metrics against values worked out by hand, and the Mahalanobis whitening."""
 
 import numpy as np
 import pytest
 
-from downstream.retrieval import map_at_r, recall_at_k, retrieval_metrics
+from downstream.retrieval import (
+    default_recall_at,
+    fit_whitening,
+    ranked_gallery,
+    ranking_metrics,
+    relevant_counts,
+    retrieval_metrics,
+)
+
+# 1-D points; labels A A A B B. Euclidean rankings (self excluded), nearest first:
+#   q0 (0.0): 1.0(A) 1.6(B) 5.0(A) 6.0(B)
+#   q1 (1.0): 1.6(B) 0.0(A) 5.0(A) 6.0(B)
+#   q2 (5.0): 6.0(B) 1.6(B) 1.0(A) 0.0(A)
+#   q3 (1.6): 1.0(A) 0.0(A) 5.0(A) 6.0(B)
+#   q4 (6.0): 5.0(A) 1.6(B) 1.0(A) 0.0(A)
+X5 = np.array([[0.0], [1.0], [5.0], [1.6], [6.0]], dtype=np.float32)
+Y5 = np.array([0, 0, 0, 1, 1])
 
 
-def test_recall_and_map_at_r_by_hand():
-    # 1-D points; labels A A A B B. Euclidean neighbours (self excluded), nearest first:
-    x = np.array([[0.0], [1.0], [5.0], [1.6], [6.0]], dtype=np.float32)
-    labels = np.array([0, 0, 0, 1, 1])
-    # q0 (0):   1.0(A) 1.6(B) 5.0(A) 6.0(B)  -> R=2: first 2 = A,B -> AP = (1/1)/2 = 0.5
-    # q1 (1):   1.6(B) 0.0(A) 5.0(A) 6.0(B)  -> first 2 = B,A -> AP = (1/2)/2 = 0.25
-    # q2 (5):   6.0(B) 1.6(B) 1.0(A) 0.0(A)  -> first 2 = B,B -> AP = 0
-    # q3 (1.6): 1.0(A) 0.0(A) 5.0(A) 6.0(B)  -> R=1: first = A -> AP = 0
-    # q4 (6):   5.0(A) 1.6(B) ...            -> R=1: first = A -> AP = 0
-    m = retrieval_metrics(x, labels, ks=(1, 2, 4), metric="euclidean")
-    # R@1: q0 yes, q1 no, q2 no, q3 no, q4 no -> 1/5; R@2: q0, q1, q4 -> 3/5; R@4: all but q3? q3's 4 nearest include 6.0(B) -> yes -> 5/5
+def test_leave_one_out_ranking_by_hand():
+    (rows, ranking), = list(ranked_gallery(X5, distance="euclidean"))
+    assert rows.tolist() == [0, 1, 2, 3, 4]
+    assert ranking.tolist() == [[1, 3, 2, 4], [3, 0, 2, 4], [4, 3, 1, 0], [1, 0, 2, 4], [2, 3, 1, 0]]
+
+
+def test_every_metric_by_hand():
+    # Relevance (1 = same label) per rank, and R = other images of the query's label:
+    #   q0 A: 1 0 1 0  R=2   q1 A: 0 1 1 0  R=2   q2 A: 0 0 1 1  R=2
+    #   q3 B: 0 0 0 1  R=1   q4 B: 0 1 0 0  R=1
+    m = retrieval_metrics(X5, Y5, ks=(1, 2, 4), metric="euclidean")
+    # Recall@1: only q0 -> 1/5.  Recall@2: q0, q1, q4 -> 3/5.  Recall@4: everyone -> 1.
     assert m["recall_at_1"] == pytest.approx(1 / 5)
     assert m["recall_at_2"] == pytest.approx(3 / 5)
-    assert m["recall_at_4"] == pytest.approx(5 / 5)
-    assert m["map_at_r"] == pytest.approx((0.5 + 0.25 + 0 + 0 + 0) / 5)
+    assert m["recall_at_4"] == pytest.approx(1.0)
+    # R-precision (relevant among the first R, / R): q0 1/2, q1 1/2, q2 0, q3 0, q4 0
+    assert m["r_precision"] == pytest.approx((0.5 + 0.5) / 5)
+    # MAP@R: q0 P@1=1 -> 1/2; q1 P@2=1/2 -> 1/4; q2, q3, q4 -> 0
+    assert m["map_at_r"] == pytest.approx((0.5 + 0.25) / 5)
+    # mAP over the full ranking (sum of precision at every relevant rank, / R):
+    #   q0 (1/1 + 2/3)/2 = 5/6   q1 (1/2 + 2/3)/2 = 7/12   q2 (1/3 + 2/4)/2 = 5/12
+    #   q3 (1/4)/1 = 1/4         q4 (1/2)/1 = 1/2
+    assert m["map"] == pytest.approx((5 / 6 + 7 / 12 + 5 / 12 + 1 / 4 + 1 / 2) / 5)
+    assert m["retrieval_queries"] == 5
+
+
+def test_cosine_ranks_by_angle_not_length():
+    # Same direction, very different lengths: cosine calls them identical, euclidean does not.
+    x = np.array([[1.0, 0.0], [100.0, 1.0], [0.9, 0.5], [0.0, 1.0]], dtype=np.float32)
+    y = np.array([0, 0, 1, 1])
+    # cosine from q0: [100,1] (angle 0.6 deg) before [0.9,0.5] (29 deg) before [0,1] (90 deg)
+    (_, cos), = list(ranked_gallery(x, distance="cosine"))
+    assert cos[0].tolist() == [1, 2, 3]
+    # euclidean from q0: [0.9,0.5] (0.51) before [0,1] (1.41) before [100,1] (99)
+    (_, euc), = list(ranked_gallery(x, distance="euclidean"))
+    assert euc[0].tolist() == [2, 3, 1]
+    assert retrieval_metrics(x, y, ks=(1,), metric="cosine")["recall_at_1"] > \
+        retrieval_metrics(x, y, ks=(1,), metric="euclidean")["recall_at_1"]
+
+
+def test_queries_against_a_train_gallery_by_hand():
+    gallery = np.array([[0.0], [2.0], [4.0], [10.0]], dtype=np.float32)
+    g_labels = np.array([0, 1, 0, 1])
+    queries = np.array([[1.9], [9.0], [3.0]], dtype=np.float32)
+    q_labels = np.array([0, 1, 2])  # label 2 has no gallery image: left out of every metric
+    # q0 (1.9): 2(B) 0(A) 4(A) 10(B); R=2 -> rel 0 1 1 0
+    # q1 (9.0): 10(B) 4(A) 2(B) 0(A);  R=2 -> rel 1 0 1 0
+    m = retrieval_metrics(queries, q_labels, ks=(1, 2), metric="euclidean", gallery_features=gallery,
+                          gallery_labels=g_labels)
+    assert m["retrieval_queries"] == 2
+    assert m["recall_at_1"] == pytest.approx(1 / 2)
+    assert m["recall_at_2"] == pytest.approx(1.0)
+    assert m["r_precision"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert m["map_at_r"] == pytest.approx(((1 / 2) / 2 + 1 / 2) / 2)
+    assert m["map"] == pytest.approx(((1 / 2 + 2 / 3) / 2 + (1 + 2 / 3) / 2) / 2)
+
+
+def test_ranking_metrics_helper_and_lone_queries():
+    relevant = np.array([[0, 1, 1], [1, 0, 0]], dtype=bool)
+    r = np.array([2, 1])
+    m = ranking_metrics(relevant, r, ks=[1, 3])
+    assert m["recall_at_1"].tolist() == [0.0, 1.0]
+    assert m["recall_at_3"].tolist() == [1.0, 1.0]
+    assert m["map_at_r"].tolist() == pytest.approx([(1 / 2) / 2, 1.0])
+    assert m["map"].tolist() == pytest.approx([(1 / 2 + 2 / 3) / 2, 1.0])
+    assert relevant_counts(np.array([0, 0, 1]), np.array([0, 0, 1]), leave_one_out=True).tolist() == [1, 1, 0]
+    # labels 0 0 1: the single 1 cannot find anything and is not counted
+    m = retrieval_metrics(np.array([[0.0], [1.0], [0.4]]), np.array([0, 0, 1]), ks=(1,), metric="euclidean")
+    assert m["retrieval_queries"] == 2
+    # q0 (0.0): 0.4(B) first -> miss; q1 (1.0): 0.4(B) first -> miss
+    assert m["recall_at_1"] == 0.0
+    with pytest.raises(ValueError, match="no query has a relevant"):
+        retrieval_metrics(np.eye(3), np.array([0, 1, 2]))
+
+
+def test_agrees_with_pytorch_metric_learning():
+    """An independent implementation (full-ranking k) on random data, ties impossible."""
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    y = rng.integers(0, 5, size=120)
+    ours = retrieval_metrics(x, y, ks=(1,), metric="euclidean")
+    calc = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r",
+                                       "mean_average_precision"), k=None, device=__import__("torch").device("cpu"))
+    theirs = calc.get_accuracy(x, y)
+    assert ours["recall_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
+    assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
+    assert ours["map"] == pytest.approx(theirs["mean_average_precision"], abs=1e-6)
 
 
 def test_perfect_embedding_scores_one():
     rng = np.random.default_rng(0)
-    centers = np.eye(4, dtype=np.float32) * 10
     labels = np.repeat(np.arange(4), 5)
-    x = centers[labels] + rng.normal(scale=0.1, size=(20, 4)).astype(np.float32)
-    m = retrieval_metrics(x, labels)
-    assert m["recall_at_1"] == 1.0 and m["map_at_r"] == pytest.approx(1.0)
+    x = (np.eye(4) * 10)[labels] + rng.normal(scale=0.1, size=(20, 4))
+    for metric in ("cosine", "euclidean"):
+        m = retrieval_metrics(x, labels, metric=metric)
+        assert m["recall_at_1"] == 1.0 and m["map_at_r"] == pytest.approx(1.0) and m["map"] == pytest.approx(1.0)
 
 
-def test_helpers_directly():
-    labels = np.array([0, 0, 1])
-    neighbours = np.array([[2, 1], [0, 2], [0, 1]])
-    assert recall_at_k(labels, neighbours, [1, 2]) == {"recall_at_1": pytest.approx(1 / 3), "recall_at_2": pytest.approx(2 / 3)}
-    # q0: R=1, first = label 1 -> 0; q1: R=1, first = label 0 -> 1; q2: R=0 -> skipped
-    assert map_at_r(labels, neighbours) == pytest.approx(0.5)
+def test_default_recall_at_grows_with_the_gallery():
+    assert default_recall_at(1000) == [1, 2, 4, 8]
+    assert default_recall_at(1001) == [1, 2, 4, 8, 10, 100]
+    rng = np.random.default_rng(0)
+    m = retrieval_metrics(rng.normal(size=(1100, 3)), rng.integers(0, 3, 1100), metric="euclidean")
+    assert {"recall_at_10", "recall_at_100"} <= set(m)
+    m = retrieval_metrics(rng.normal(size=(50, 3)), rng.integers(0, 3, 50), metric="euclidean")
+    assert "recall_at_10" not in m and "recall_at_8" in m
+
+
+def test_whitening_gives_identity_covariance():
+    rng = np.random.default_rng(1)
+    mixing = rng.normal(size=(5, 5)) * np.array([10.0, 3.0, 1.0, 0.3, 0.01])
+    train = rng.normal(size=(4000, 5)) @ mixing.T + 7.0
+    w = fit_whitening(train, shrinkage=0.0)
+    z = w(train).astype(np.float64)
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-3)
+    np.testing.assert_allclose(np.cov(z, rowvar=False, bias=True), np.eye(5), atol=1e-3)
+    # Full shrinkage only standardises each dimension: unit variances, correlations kept.
+    z1 = fit_whitening(train, shrinkage=1.0)(train).astype(np.float64)
+    cov1 = np.cov(z1, rowvar=False, bias=True)
+    np.testing.assert_allclose(np.diag(cov1), 1.0, atol=1e-3)
+    assert not np.allclose(cov1, np.eye(5), atol=0.1)
+    # Ledoit-Wolf: plenty of strongly correlated data needs little shrinkage; few noisy samples of
+    # uncorrelated dimensions (whose true correlation IS the identity target) need a lot.
+    rotation, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    correlated = rng.normal(size=(4000, 5)) * [1.0, 1.5, 2.0, 3.0, 4.0] @ rotation * [1, 10, 100, 0.1, 1]
+    auto = fit_whitening(correlated, shrinkage="auto")
+    assert 0.0 <= auto.shrinkage < 0.05
+    np.testing.assert_allclose(np.cov(auto(correlated), rowvar=False, bias=True), np.eye(5), atol=0.1)
+    assert fit_whitening(rng.normal(size=(20, 5)) * [1, 2, 3, 4, 5], shrinkage="auto").shrinkage > 0.5
+
+
+def test_whitening_survives_a_singular_covariance():
+    rng = np.random.default_rng(2)
+    train = np.hstack([rng.normal(size=(50, 3)), np.zeros((50, 2))])  # two dead dimensions
+    z = fit_whitening(train, shrinkage="auto")(train)
+    assert np.isfinite(z).all()
+
+
+def test_mahalanobis_beats_euclidean_on_a_stretched_set():
+    """Classes differ along a low-variance direction while a high-variance one is pure noise: Euclidean
+    neighbours follow the noise, whitening (fitted on a separate train sample) evens the scales."""
+    rng = np.random.default_rng(3)
+
+    def sample(n):
+        y = rng.integers(0, 2, n)
+        signal = np.where(y == 1, 0.01, -0.01) + rng.normal(scale=0.001, size=n)
+        noise = rng.normal(scale=10.0, size=n)
+        return np.stack([signal, noise], axis=1).astype(np.float32), y
+
+    train_x, _ = sample(400)
+    eval_x, eval_y = sample(200)
+    euclid = retrieval_metrics(eval_x, eval_y, metric="euclidean")
+    maha = retrieval_metrics(eval_x, eval_y, metric="mahalanobis", train_features=train_x)
+    assert euclid["recall_at_1"] < 0.7
+    assert maha["recall_at_1"] > 0.95
+    assert maha["map"] > euclid["map"] + 0.2
+    assert 0.0 <= maha["retrieval_whitening_shrinkage"] <= 1.0
+    with pytest.raises(ValueError, match="train_features"):
+        retrieval_metrics(eval_x, eval_y, metric="mahalanobis")
+    with pytest.raises(ValueError, match="distance"):
+        retrieval_metrics(eval_x, eval_y, metric="manhattan")
