@@ -155,8 +155,8 @@ def method_steps(data: np.ndarray, batch: int, steps: int, stem_stride: int, cha
         loss.backward()
         optimizer.step()
         t1 = time.perf_counter()
-        z = method.projection_head(method.encode(views))
-        loss = method.criterion(*z.chunk(2))
+        v0, v1 = views.chunk(2)  # the same two forward passes our step makes, minus augmentation
+        loss = method.criterion(method.projection_head(method.encode(v0)), method.projection_head(method.encode(v1)))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

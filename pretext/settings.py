@@ -69,6 +69,9 @@ class SimCLRSettings(MethodSettings):
     output_dim: int = Field(128, ge=8)
     num_layers: int = Field(2, ge=1, le=4)
     gather_distributed: bool = True
+    separate_view_forward: bool = Field(
+        True, description="encode the two views in two forward passes (per-view BN statistics, as lightly's "
+        "example; faster on CPUs) instead of one pass over the concatenated batch")
     augment: AugmentSettings = AugmentSettings()
 
 

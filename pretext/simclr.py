@@ -34,8 +34,10 @@ class SimCLR(Method):
 
     def training_step(self, images: Tensor) -> dict[str, Any]:
         with torch.no_grad():
-            views = self.augment(torch.cat([images, images], dim=0))
-        z = self.projection_head(self.encode(views))
-        z0, z1 = z.chunk(2, dim=0)
+            x0, x1 = self.augment(torch.cat([images, images], dim=0)).chunk(2, dim=0)
+        if self.settings.separate_view_forward:
+            z0, z1 = self.projection_head(self.encode(x0)), self.projection_head(self.encode(x1))
+        else:
+            z0, z1 = self.projection_head(self.encode(torch.cat([x0, x1], dim=0))).chunk(2, dim=0)
         loss = self.criterion(z0.float(), z1.float())
         return {"loss": loss}
