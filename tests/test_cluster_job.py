@@ -158,8 +158,10 @@ def test_ray_job_submit_runs_a_pipeline_on_the_cluster(ray_head, tmp_path):
     (tmp_path / "job.log").write_text(logs)
     assert submit.returncode == 0, logs[-5000:]
     assert "succeeded" in logs, logs[-5000:]
-    # The job's driver attached to this cluster (RAY_ADDRESS set by the job), not to a new local Ray.
-    assert "Started a local Ray instance" not in logs, logs[-5000:]
+    # The job's driver attached to this cluster (RAY_ADDRESS set by the job), not to a new local Ray,
+    # and its actors know that address too (several Ray instances may run on this machine).
+    assert "Connecting to existing Ray cluster" in logs and "Started a local Ray instance" not in logs
+    assert "Found multiple active Ray instances" not in logs, logs[-5000:]
 
     status = subprocess.run([ray_cli(), "job", "status", "--address", url, "sslpipe-test-job"],
                             env=env, capture_output=True, text=True, timeout=60)
