@@ -6,8 +6,6 @@ backbone from the `backbone` artifact (safetensors + backbone.json) with `pipeli
 and returns the pooled embeddings (N, D) float32.
 """
 
-from __future__ import annotations
-
 import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
@@ -19,7 +17,7 @@ class BackboneEmbedder(PythonModel):
 
         self.model, self.meta = load_backbone(context.artifacts["backbone"], with_meta=True)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         from downstream.embeddings import embed_images
 
         images = np.asarray(model_input)
