@@ -148,13 +148,15 @@ def test_ray_job_submit_runs_a_pipeline_on_the_cluster(ray_head, tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text(JOB_CONFIG.format(storage=storage))
     runtime_env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "SSLPIPE_RAY_TRAIN_LOG_LEVEL": "WARNING"}}
-    submit = subprocess.run(
-        [ray_cli(), "job", "submit", "--address", url, "--submission-id", "sslpipe-test-job",
-         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env),
-         "--", "sslpipe", "run", str(config), "--output-dir", str(out)],
-        env=env, capture_output=True, text=True, timeout=480,
-    )
-    logs = submit.stdout + submit.stderr
+    command = [ray_cli(), "job", "submit", "--address", url, "--submission-id", "sslpipe-test-job",
+               "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env),
+               "--", "sslpipe", "run", str(config), "--output-dir", str(out)]
+    for _ in range(6):  # the node's job agent may still be starting after the dashboard answers
+        submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
+        logs = submit.stdout + submit.stderr
+        if "No available agent to submit job" not in logs:
+            break
+        time.sleep(5)
     (tmp_path / "job.log").write_text(logs)
     assert submit.returncode == 0, logs[-5000:]
     assert "succeeded" in logs, logs[-5000:]
@@ -182,3 +184,17 @@ def test_ray_job_submit_runs_a_pipeline_on_the_cluster(ray_head, tmp_path):
     # Checkpoints went to the shared storage_path, not to the output folder.
     assert any(storage.rglob("checkpoint_*")), list(storage.rglob("*"))[:20]
     assert 0.0 <= summary["stages"]["evaluate"]["metrics"]["knn_accuracy"] <= 1.0
+
+
+def test_job_actors_get_the_cluster_address(monkeypatch):
+    """ray_init passes RAY_ADDRESS to the job's actors, except where Ray would reject or misuse it."""
+    from pipeline.trainer import _cluster_runtime_env
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert _cluster_runtime_env("10.0.0.5:6379") == {"env_vars": {"RAY_ADDRESS": "10.0.0.5:6379"}}
+    assert _cluster_runtime_env("ray://head:10001") is None and _cluster_runtime_env("auto") is None
+    job = {"runtime_env": {"env_vars": {"RAY_ADDRESS": "10.0.0.5:6379"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert _cluster_runtime_env("10.0.0.5:6379") is None  # the job set it already: merging would conflict
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://x.zip"}}))
+    assert _cluster_runtime_env("10.0.0.5:6379") == {"env_vars": {"RAY_ADDRESS": "10.0.0.5:6379"}}
