@@ -184,6 +184,8 @@ def test_ray_job_submit_runs_a_pipeline_on_the_cluster(ray_head, tmp_path):
     # Checkpoints went to the shared storage_path, not to the output folder.
     assert any(storage.rglob("checkpoint_*")), list(storage.rglob("*"))[:20]
     assert 0.0 <= summary["stages"]["evaluate"]["metrics"]["knn_accuracy"] <= 1.0
+    # The final backbone went to the model registry of the run's tracking store.
+    assert summary["registry"]["model_uri"] == "models:/clusterjob/1"
 
 
 def test_job_actors_get_the_cluster_address(monkeypatch):
