@@ -135,6 +135,7 @@ JOB_CONFIG = textwrap.dedent(
 )
 
 
+@pytest.mark.ray
 def test_ray_job_submit_runs_a_pipeline_on_the_cluster(ray_head, tmp_path):
     from mlflow.tracking import MlflowClient
 

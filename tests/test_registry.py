@@ -64,6 +64,7 @@ def champion_version(uri: str, name: str) -> str:
     return str(MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(name, "champion").version)
 
 
+@pytest.mark.ray
 def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, capsys):
     import mlflow
     from mlflow.tracking import MlflowClient
