@@ -26,6 +26,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set stages.simclr.epochs=2 (repeatable)")
     run.add_argument("--output-dir", default=None, help="where runs, artifacts and summary.json go "
                      "(default: output_dir from the config, else runs/<name>)")
+    retrain = sub.add_parser(
+        "retrain", help="run on the current data; promote the new backbone if it beats the champion",
+        description="Run the pipeline on the current data, evaluate the new model version and the one holding "
+                    "the registry alias (default 'champion') on the same evaluation set, and move the alias only "
+                    "if the metric improves by at least registry.min_improvement. Does nothing when the data "
+                    "and config are unchanged since the last retrain.")
+    retrain.add_argument("config", help="pipeline YAML with an optional registry: block")
+    retrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    retrain.add_argument("--output-dir", default=None, help="same default as run; keep it fixed between retrains "
+                         "unless tracking.uri points at a shared MLflow server")
     check = sub.add_parser("check", help="validate a config and print it resolved, without running")
     check.add_argument("config")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -74,6 +84,22 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _retrain(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    output_dir = Path(args.output_dir or config.output_dir or Path("runs") / config.name)
+
+    from pipeline.registry import retrain
+
+    decision = retrain(config, output_dir)
+    if decision["decision"] != "noop":
+        print(f"\nretrain: {decision['decision']}: {decision['reason']}")
+        print(f"'{decision['alias']}' of model '{decision['model_name']}' is version {decision['champion_after']}")
+        print(f"summary: {output_dir / 'summary.json'}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "methods":
@@ -87,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(dump_config(load_config(args.config, args.overrides)), end="")
             return EXIT_OK
+        if args.command == "retrain":
+            return _retrain(args)
         return _run(args)
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are in summary.json; rerun the same command to continue", file=sys.stderr)

@@ -225,6 +225,17 @@ class SelectionConfig(Strict):
     mode: Literal["max", "min"] = "max"
 
 
+class RegistryConfig(Strict):
+    """The MLflow model registry: each run registers its final backbone; `sslpipe retrain` moves the alias."""
+
+    enabled: bool = Field(True, description="register the final backbone as a new model version after each run")
+    model_name: str | None = Field(None, min_length=1, max_length=256, description="registered model; default: the pipeline name")
+    stage: str | None = Field(None, description="the stage whose backbone is registered; default: the last one that produces a backbone")
+    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", max_length=255)
+    metric: Literal["knn_accuracy", "nmi"] = Field("knn_accuracy", description="retrain compares candidate and champion by this")
+    min_improvement: float = Field(0.0, ge=0.0, le=1.0, description="the candidate must beat the champion by at least this")
+
+
 class PipelineConfig(Strict):
     name: str = Field("sslpipe", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -234,6 +245,7 @@ class PipelineConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -257,7 +269,22 @@ class PipelineConfig(Strict):
             if stage.kind in ("pretext", "refine") and inp == "pixels":
                 raise ValueError(f"stage '{stage.name}': 'pixels' is an evaluation baseline, not a backbone")
             seen[stage.name] = stage.kind
+        wanted = self.registry.stage
+        if wanted is not None and seen.get(wanted) not in ("pretext", "refine"):
+            backbones = [name for name, kind in seen.items() if kind in ("pretext", "refine")]
+            raise ValueError(f"registry.stage: '{wanted}' is not a stage that produces a backbone "
+                             f"(those are: {', '.join(backbones) or 'none'})")
         return self
+
+    def registered_stage(self) -> str | None:
+        """The stage whose backbone goes to the model registry: configured, else the last backbone stage."""
+        if self.registry.stage:
+            return self.registry.stage
+        backbones = [s.name for s in self.stages if s.kind in ("pretext", "refine")]
+        return backbones[-1] if backbones else None
+
+    def model_name(self) -> str:
+        return self.registry.model_name or self.name
 
     def stage(self, name: str) -> PretextStage | EvaluateStage:
         for stage in self.stages:

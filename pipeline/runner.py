@@ -80,6 +80,11 @@ class PipelineRun:
             self.log(f"data: {d.source}/{d.eval_split}: {len(self.evalset)} images for evaluation")
         self.data_fingerprint = self.train.fingerprint()
 
+    def load_data(self) -> None:
+        """Load the splits once: retrain needs the data fingerprint before it decides to run."""
+        if not hasattr(self, "data_fingerprint"):
+            self._load_data()
+
     def _stage_dir(self, name: str) -> Path:
         path = self.output_dir / "stages" / name
         path.mkdir(parents=True, exist_ok=True)
@@ -280,6 +285,22 @@ class PipelineRun:
             }
             write_json_atomic(self.output_dir / "summary.json", self.summary)
 
+    def _register_backbone(self) -> None:
+        """Final backbone -> a new version in the MLflow model registry (see pipeline.registry)."""
+        if not self.config.registry.enabled:
+            return
+        from pipeline.registry import register_run_backbone
+        from pipeline.tracking import TrackingError
+
+        try:
+            registered = register_run_backbone(self)
+        except TrackingError as err:  # the run's results stand; `sslpipe retrain` treats this as fatal
+            self.log(f"warning: {err}")
+            registered = {"error": str(err)}
+        if registered:
+            self.summary["registry"] = registered
+            write_json_atomic(self.output_dir / "summary.json", self.summary)
+
     def run(self) -> dict[str, Any]:
         import threading
 
@@ -291,7 +312,7 @@ class PipelineRun:
         self._lock = threading.Lock()
         resolved = out / "config.resolved.yaml"
         resolved.write_text(dump_config(cfg))
-        self._load_data()  # bad data is reported before anything is created in MLflow
+        self.load_data()  # bad data is reported before anything is created in MLflow
         for stage in cfg.stages:
             if stage.kind != "evaluate" and self.train.channels == 1 and self._method_requires_color(stage.method):
                 from pipeline.data import DataError
@@ -333,6 +354,7 @@ class PipelineRun:
                 else:
                     for stage, i in numbered:
                         self._execute(stage, i)
+            self._register_backbone()
             status = "FINISHED"
         finally:
             if "best" in self.summary:

@@ -406,6 +406,22 @@ def fit_stage(job: TrainJob, *, ray_cfg: dict[str, Any], storage_path: str, run_
     return StageFit(metrics=progress.get("metrics", {}), checkpoint_dir=target, storage=result.path)
 
 
+def _cluster_runtime_env(address: str) -> dict[str, Any] | None:
+    """Tell every actor of this job which cluster it is on.
+
+    Ray Train's placement-group cleaner queries the state API from inside an actor; without RAY_ADDRESS
+    it looks for 'auto' and fails when one machine runs several Ray instances. Left out for Ray Client
+    addresses and when the submitted job already sets RAY_ADDRESS in its runtime_env (a conflict there
+    is an error in ray.init).
+    """
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return None
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    if "RAY_ADDRESS" in ((job_env.get("runtime_env") or {}).get("env_vars") or {}):
+        return None
+    return {"env_vars": {"RAY_ADDRESS": address}}
+
+
 def ray_init(address: str | None, *, num_cpus: int | None = None) -> None:
     """Attach to a cluster (config or RAY_ADDRESS) or start a local Ray; idempotent."""
     import ray
@@ -417,7 +433,7 @@ def ray_init(address: str | None, *, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if address:
-        ray.init(address=address, **kwargs)
+        ray.init(address=address, runtime_env=_cluster_runtime_env(address), **kwargs)
     else:
         # The dashboard serves the state API that Ray Train's controller polls; without it Train logs warnings.
         ray.init(num_cpus=num_cpus, include_dashboard=True, **kwargs)

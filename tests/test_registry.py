@@ -1,0 +1,182 @@
+"""Model registry and `sslpipe retrain`: promote, keep and no-op, with real MLflow alias moves.
+
+One small labelled image folder grows between retrains (new data, same config). The first retrain is
+judged by the real evaluation; later ones fake only the metric values (keyed by the data the backbone
+saw), so that promote and keep do not depend on how well a one-epoch backbone happens to train.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import ConfigError, load_config, validate_config
+
+CONFIG = textwrap.dedent(
+    """
+    name: retrain-test
+    seed: 0
+    data: {{source: folder, root: {root}, load_size: 16}}
+    backbone: {{name: resnet18, small_image_stem: true, stem_stride: 2, image_size: 16}}
+    ray: {{num_workers: 2, max_failures: 0}}
+    registry: {{model_name: tiny-backbone, metric: knn_accuracy, min_improvement: 0.05}}
+    stages:
+      - {{name: simclr, kind: pretext, method: simclr, epochs: 1, batch_size: 32, evaluate: false,
+          log_every_steps: 100, settings: {{augment: {{gaussian_blur: 0.0}}}}}}
+    """
+)
+
+
+def add_images(root: Path, start: int, count: int) -> None:
+    """Two classes that differ in colour and stripe direction, so kNN on any embedding is easy-ish."""
+    rng = np.random.default_rng(start)
+    for cls, (colour, axis) in {"red": ((200, 40, 40), 0), "blue": ((40, 40, 200), 1)}.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + count):
+            img = rng.integers(0, 60, (16, 16, 3)).astype(np.int32) + np.array(colour)
+            stripes = (np.arange(16) % 4 < 2)[:, None] if axis == 0 else (np.arange(16) % 4 < 2)[None, :]
+            img = np.where(stripes[..., None], img, img // 2)
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / cls / f"{i:03d}.png")
+
+
+def count_runs(uri: str) -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return sum(len(client.search_runs([e.experiment_id])) for e in client.search_experiments())
+
+
+def versions(uri: str, name: str) -> dict[str, dict[str, str]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return {str(v.version): v.tags for v in client.search_model_versions(f"name = '{name}'")}
+
+
+def champion_version(uri: str, name: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return str(MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(name, "champion").version)
+
+
+@pytest.mark.ray
+def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, capsys):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import registry
+    from pipeline.backbones import load_backbone, read_backbone_meta
+    from pipeline.cli import main
+
+    data, out = tmp_path / "images", tmp_path / "out"
+    add_images(data, 0, 32)
+    config_path = tmp_path / "retrain.yaml"
+    config_path.write_text(CONFIG.format(root=data))
+    config = load_config(config_path)
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    real_evaluate = registry.evaluate_backbone
+    evaluated: list[str] = []
+
+    def recording_evaluate(artifact, *args, **kwargs):
+        evaluated.append(read_backbone_meta(artifact)["data_fingerprint"])
+        return real_evaluate(artifact, *args, **kwargs)
+
+    # 1. No champion yet: the first candidate is promoted (real evaluation).
+    monkeypatch.setattr(registry, "evaluate_backbone", recording_evaluate)
+    first = registry.retrain(config, out, log=lambda s: None)
+    assert first["decision"] == "promote" and first["champion"] is None
+    assert first["candidate"]["version"] == "1" and champion_version(uri, "tiny-backbone") == "1"
+    assert 0.0 <= first["candidate"]["knn_accuracy"] <= 1.0 and len(evaluated) == 1
+    fp1 = first["candidate"]["data_fingerprint"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["retrain"]["decision"] == "promote" and summary["registry"]["version"] == "1"
+    tags = versions(uri, "tiny-backbone")["1"]
+    assert tags["sslpipe.data_fingerprint"] == fp1 == summary["data_fingerprint"]
+    assert tags["sslpipe.retrain.decision"] == "promote"
+    # The registered model loads through MLflow (code + safetensors, no pickle) and embeds like the artifact.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-backbone@champion")
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 16, 16), dtype=np.uint8)
+    reference = load_backbone(summary["stages"]["simclr"]["artifacts"]["backbone"], with_meta=True)
+    from downstream.embeddings import embed_images
+
+    meta = reference[1]
+    expected = embed_images(reference[0], images, input_size=16, mean=meta["mean"], std=meta["std"],
+                            in_chans=meta["in_chans"], input_transform=meta.get("input_transform", "rgb"), device="cpu")
+    np.testing.assert_allclose(pyfunc.predict(images), expected, rtol=1e-4, atol=1e-5)
+
+    # 2. Same data, same config: nothing runs, nothing is registered (through the CLI).
+    runs_before = count_runs(uri)
+    capsys.readouterr()
+    assert main(["retrain", str(config_path), "--output-dir", str(out)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert count_runs(uri) == runs_before and set(versions(uri, "tiny-backbone")) == {"1"}
+
+    # 3. New data; the candidate beats the champion by more than the margin: the alias moves.
+    add_images(data, 32, 8)
+    scores = {fp1: 0.50}
+    monkeypatch.setattr(registry, "evaluate_backbone",
+                        lambda artifact, *a, **k: scores.get(read_backbone_meta(artifact)["data_fingerprint"], 0.90))
+    second = registry.retrain(config, out, log=lambda s: None)
+    assert second["decision"] == "promote", second
+    assert second["champion"] == {"version": "1", "knn_accuracy": 0.5, "data_fingerprint": fp1,
+                                  "config_fingerprint": first["candidate"]["config_fingerprint"]}
+    assert second["candidate"]["version"] == "2" and second["candidate"]["knn_accuracy"] == 0.9
+    assert second["candidate"]["data_fingerprint"] != fp1
+    assert champion_version(uri, "tiny-backbone") == "2"
+    fp2 = second["candidate"]["data_fingerprint"]
+
+    # 4. Newer data; the candidate is better, but by less than min_improvement: the champion stays.
+    add_images(data, 40, 8)
+    scores[fp2] = 0.80
+    monkeypatch.setattr(registry, "evaluate_backbone",
+                        lambda artifact, *a, **k: scores.get(read_backbone_meta(artifact)["data_fingerprint"], 0.83))
+    third = registry.retrain(config, out, log=lambda s: None)
+    assert third["decision"] == "keep", third
+    assert third["champion"]["version"] == "2" and third["candidate"]["version"] == "3"
+    assert champion_version(uri, "tiny-backbone") == "2"
+    all_versions = versions(uri, "tiny-backbone")
+    assert all_versions["3"]["sslpipe.retrain.decision"] == "keep"
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(json.loads((out / "summary.json").read_text())["parent_run_id"])
+    assert parent.data.tags["sslpipe.retrain.decision"] == "keep"
+    assert parent.data.tags["sslpipe.retrain.champion_version"] == "2"
+    assert parent.data.tags["sslpipe.retrain.candidate_data_fingerprint"] == third["candidate"]["data_fingerprint"]
+    assert parent.data.tags["sslpipe.retrain.champion_data_fingerprint"] == fp2
+    assert parent.data.metrics["retrain_candidate_knn_accuracy"] == pytest.approx(0.83)
+    assert parent.data.metrics["retrain_champion_knn_accuracy"] == pytest.approx(0.80)
+    assert json.loads((out / "summary.json").read_text())["retrain"]["decision"] == "keep"
+
+    # 5. The kept candidate was judged on exactly this data and config: no second try.
+    runs_before = count_runs(uri)
+    assert registry.retrain(config, out, log=lambda s: None)["decision"] == "noop"
+    assert count_runs(uri) == runs_before and set(versions(uri, "tiny-backbone")) == {"1", "2", "3"}
+
+
+def test_registry_config_is_checked(tmp_path):
+    base = {"name": "p", "data": {"source": "digits"},
+            "stages": [{"name": "simclr", "kind": "pretext", "method": "simclr", "epochs": 1},
+                       {"name": "evaluate", "kind": "evaluate", "input": "simclr"}]}
+    cfg = validate_config(base)
+    assert cfg.registered_stage() == "simclr" and cfg.model_name() == "p" and cfg.registry.alias == "champion"
+    with pytest.raises(ConfigError, match="registry.stage: 'evaluate' is not a stage that produces a backbone"):
+        validate_config({**base, "registry": {"stage": "evaluate"}})
+    with pytest.raises(ConfigError, match=r"registry.min_improvement"):
+        validate_config({**base, "registry": {"min_improvement": -0.1}})
+    with pytest.raises(ConfigError, match=r"registry.metrc: unknown key"):
+        validate_config({**base, "registry": {"metrc": "nmi"}})
+
+
+def test_retrain_without_a_backbone_stage_exits_2(tmp_path, capsys):
+    from pipeline.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: p\ndata: {source: digits}\nstages: [{name: pixels, kind: evaluate, input: pixels}]\n")
+    assert main(["retrain", str(path), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "no pretext or refine stage" in capsys.readouterr().err
