@@ -7,5 +7,11 @@ stage's method name to "module:Class"; `DOWNSTREAM_SETTINGS` (torch-free) valida
 
 from __future__ import annotations
 
+from downstream.settings import DOWNSTREAM_SETTINGS
+
 # name -> "module:Class"; filled in as labeled training stages are added.
-METHODS: dict[str, str] = {}
+METHODS: dict[str, str] = {
+    "metric": "downstream.metric:MetricLearning",
+}
+
+__all__ = ["METHODS", "DOWNSTREAM_SETTINGS"]

@@ -8,6 +8,7 @@ Loading rebuilds the module from the JSON and reads tensors only: nothing is eve
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -21,6 +22,13 @@ from torch import nn
 ARTIFACT_FORMAT = "sslpipe.backbone/1"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "backbone.json"
+
+# `export` kind in an artifact's metadata -> "module:function" that rebuilds the exported module (backbone +
+# pooling + embedding head) around a freshly built backbone.
+EXPORTED_MODULES: dict[str, str] = {
+    "stml_embedder": "pretext.stml:rebuild_exported",
+    "metric_embedder": "downstream.metric:rebuild_exported",
+}
 
 
 class BackboneError(Exception):
@@ -166,10 +174,10 @@ def load_backbone(directory: str | os.PathLike, *, with_meta: bool = False, bare
         raise BackboneError(f"{weights}: corrupted or unreadable safetensors file ({err})") from None
     module = model
     if meta.get("export"):
-        if meta["export"] != "stml_embedder":
+        if meta["export"] not in EXPORTED_MODULES:
             raise BackboneError(f"{path}: unknown exported module kind {meta['export']!r}")
-        from pretext.stml import rebuild_exported
-
+        module_name, func_name = EXPORTED_MODULES[meta["export"]].split(":")
+        rebuild_exported = getattr(importlib.import_module(module_name), func_name)
         module = rebuild_exported(model, meta)
     try:
         module.load_state_dict(state, strict=True)

@@ -143,6 +143,36 @@ class RefineStage(PretextStage):
         return value
 
 
+class MetricStage(PretextStage):
+    """Supervised metric learning on the training split's labels; produces an embedder artifact (backbone + head).
+
+    Starts from `input` (a stage's backbone or 'best') or a random init. Retrieval (Recall@1/2/4/8, MAP@R)
+    of the evaluation split is computed after training, meant for classes never seen in training.
+    """
+
+    kind: Literal["metric"]
+    method: Literal["metric"] = "metric"
+    batch_size: int = Field(128, ge=2, description="global batch of m-per-class groups, split across workers")
+    evaluate: bool = Field(False, description="kNN accuracy and k-means NMI (meaningless when eval classes are unseen)")
+    retrieval: bool = Field(True, description="Recall@1/2/4/8 and MAP@R, leave-one-out on the evaluation split")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        return value
+
+    @model_validator(mode="after")
+    def _validate_settings(self) -> "MetricStage":
+        from downstream.settings import MetricSettings
+
+        try:
+            validated = MetricSettings.model_validate(self.settings)
+        except ValidationError as err:
+            raise ValueError(_format_errors(err, prefix="settings")) from None
+        self.settings = validated.model_dump(mode="json")
+        return self
+
+
 class EvaluateStage(StageBase):
     """Embeds the evaluation split with a backbone: kNN accuracy, retrieval, k-means metrics, plots, report."""
 
@@ -215,7 +245,11 @@ class EvaluateStage(StageBase):
         return self
 
 
-Stage = Annotated[Union[PretextStage, RefineStage, EvaluateStage], Field(discriminator="kind")]
+Stage = Annotated[Union[PretextStage, RefineStage, MetricStage, EvaluateStage], Field(discriminator="kind")]
+
+
+# Stage kinds whose result is a backbone artifact (usable as another stage's `input`).
+BACKBONE_KINDS: tuple[str, ...] = ("pretext", "refine", "metric")
 
 
 class SelectionConfig(Strict):
@@ -264,14 +298,14 @@ class PipelineConfig(Strict):
                         f"stage '{stage.name}': input '{inp}' is not an earlier stage "
                         f"(earlier stages: {', '.join(seen) or 'none'})"
                     )
-                if seen[inp] not in ("pretext", "refine"):
+                if seen[inp] not in BACKBONE_KINDS:
                     raise ValueError(f"stage '{stage.name}': input '{inp}' does not produce a backbone")
-            if stage.kind in ("pretext", "refine") and inp == "pixels":
+            if stage.kind in BACKBONE_KINDS and inp == "pixels":
                 raise ValueError(f"stage '{stage.name}': 'pixels' is an evaluation baseline, not a backbone")
             seen[stage.name] = stage.kind
         wanted = self.registry.stage
-        if wanted is not None and seen.get(wanted) not in ("pretext", "refine"):
-            backbones = [name for name, kind in seen.items() if kind in ("pretext", "refine")]
+        if wanted is not None and seen.get(wanted) not in BACKBONE_KINDS:
+            backbones = [name for name, kind in seen.items() if kind in BACKBONE_KINDS]
             raise ValueError(f"registry.stage: '{wanted}' is not a stage that produces a backbone "
                              f"(those are: {', '.join(backbones) or 'none'})")
         return self
@@ -280,13 +314,13 @@ class PipelineConfig(Strict):
         """The stage whose backbone goes to the model registry: configured, else the last backbone stage."""
         if self.registry.stage:
             return self.registry.stage
-        backbones = [s.name for s in self.stages if s.kind in ("pretext", "refine")]
+        backbones = [s.name for s in self.stages if s.kind in BACKBONE_KINDS]
         return backbones[-1] if backbones else None
 
     def model_name(self) -> str:
         return self.registry.model_name or self.name
 
-    def stage(self, name: str) -> PretextStage | EvaluateStage:
+    def stage(self, name: str) -> PretextStage | MetricStage | EvaluateStage:
         for stage in self.stages:
             if stage.name == name:
                 return stage
@@ -309,7 +343,7 @@ def _format_loc(loc: tuple, data: Any) -> str:
             parts.append(f"[{name}]" if name else f"[{item}]")
             node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
             continue
-        if isinstance(node, dict) and item not in node and item in ("pretext", "refine", "evaluate"):
+        if isinstance(node, dict) and item not in node and item in ("pretext", "refine", "metric", "evaluate"):
             continue  # discriminated-union tag, not a key the user wrote
         parts.append(("." if parts else "") + str(item))
         node = node.get(item) if isinstance(node, dict) else None
@@ -333,9 +367,9 @@ def _format_errors(err: ValidationError, data: Any = None, prefix: str = "") -> 
             loc = key if loc == "<root>" else f"{loc}.{key}"
             msg = f"unknown key {rest}"
         if e["type"] == "union_tag_invalid":
-            msg = "kind must be one of: pretext, refine, evaluate"
+            msg = "kind must be one of: pretext, refine, metric, evaluate"
         elif e["type"] == "union_tag_not_found":
-            msg = "each stage needs kind: pretext | refine | evaluate"
+            msg = "each stage needs kind: pretext | refine | metric | evaluate"
         got = e.get("input")
         if e["type"] not in ("missing", "value_error", "union_tag_not_found") and not isinstance(got, (dict, list)):
             msg += f" (got {got!r})"

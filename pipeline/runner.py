@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.config import EvaluateStage, PipelineConfig, PretextStage, dump_config, flatten
+from pipeline.config import EvaluateStage, MetricStage, PipelineConfig, PretextStage, dump_config, flatten
 
 
 def log(message: str) -> None:
@@ -75,7 +75,8 @@ class PipelineRun:
         self.train = load_images(d.source, d.train_split, subset=d.train_subset, classes=d.train_classes, **common)
         self.log(f"data: {d.source}/{d.train_split}: {len(self.train)} images {self.train.images.shape[1:]}")
         self.evalset = None
-        if any(s.kind == "evaluate" or getattr(s, "evaluate", False) for s in cfg.stages):
+        if any(s.kind == "evaluate" or getattr(s, "evaluate", False) or getattr(s, "retrieval", False)
+               for s in cfg.stages):
             self.evalset = load_images(d.source, d.eval_split, subset=d.eval_subset, classes=d.eval_classes, **common)
             self.log(f"data: {d.source}/{d.eval_split}: {len(self.evalset)} images for evaluation")
         self.data_fingerprint = self.train.fingerprint()
@@ -173,6 +174,25 @@ class PipelineRun:
             self.log(f"[{job.stage['name']}] held-out {key}: {value:.4f}")
         return {f"heldout_{k}": float(v) for k, v in metrics.items()}, artifacts
 
+    def _run_metric(self, stage: MetricStage, inp: str | None, run_id: str, fp: str) -> StageResult:
+        """Train on the training split's labels, then retrieval of the evaluation split with the exported embedder."""
+        from pipeline.data import DataError
+
+        if self.train.labels is None:
+            raise DataError(f"stage '{stage.name}': metric learning needs labels; data source "
+                            f"'{self.config.data.source}' has none")
+        result = self._run_pretext(stage, inp, run_id, fp, labels=self.train.labels)
+        if stage.retrieval and self.evalset is not None and self.evalset.labels is not None:
+            from downstream.retrieval import retrieval_metrics
+            from pipeline.evaluate import backbone_features
+
+            features = backbone_features(Path(result.artifacts["backbone"]), self.evalset.images, batch_size=512)
+            metrics = retrieval_metrics(features, self.evalset.labels)
+            self.log(f"[{stage.name}] retrieval on {self.config.data.eval_split}: "
+                     + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            result.metrics.update(metrics)
+        return result
+
     @staticmethod
     def _method_requires_color(method: str) -> bool:
         from pipeline.methods import method_class
@@ -247,7 +267,7 @@ class PipelineRun:
         fp = fingerprint(stage.model_dump(mode="json"), cfg.backbone.model_dump(mode="json"),
                          cfg.seed, self.data_fingerprint, upstream)
         self.log(f"== stage {index}/{len(cfg.stages)}: {stage.name} ({stage.kind}"
-                 f"{' ' + stage.method if stage.kind == 'pretext' else ''}"
+                 f"{' ' + stage.method if stage.kind in ('pretext', 'metric') else ''}"
                  f"{', input ' + inp if inp else ''}) ==")
         run_id = tracker.start_run(stage.name, parent_id=self.parent_id,
                                    tags={"sslpipe.stage": stage.name, "sslpipe.kind": stage.kind,
@@ -257,6 +277,8 @@ class PipelineRun:
         try:
             if stage.kind in ("pretext", "refine"):
                 result = self._run_pretext(stage, inp, run_id, fp)
+            elif stage.kind == "metric":
+                result = self._run_metric(stage, inp, run_id, fp)
             else:
                 result = self._run_evaluate(stage, inp)
         except BaseException:
@@ -266,7 +288,8 @@ class PipelineRun:
         result.metrics["stage_time_s"] = time.time() - started
         if stage.kind != "evaluate":  # per-epoch metrics were logged by the rank-0 worker
             tracker.log_metrics(run_id, {k: v for k, v in result.metrics.items()
-                                         if k in ("stage_time_s", "knn_accuracy", "nmi", "ari", "cluster_accuracy")})
+                                         if k in ("stage_time_s", "knn_accuracy", "nmi", "ari", "cluster_accuracy")
+                                         or k.startswith("recall_at_") or k == "map_at_r"})
         else:
             tracker.log_metrics(run_id, result.metrics)
         for key, path in result.artifacts.items():

@@ -242,6 +242,8 @@ def train_worker(config: dict[str, Any]) -> None:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     model = ray.train.torch.prepare_model(method)
     raw = _unwrap(model)
+    if labels is not None:
+        raw.set_train_labels(labels)
 
     sampler = DistributedSampler(range(num_images), num_replicas=world, rank=rank, shuffle=True, seed=job.seed, drop_last=True)
     local_batch = max(2, stage["batch_size"] // world)

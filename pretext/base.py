@@ -103,6 +103,10 @@ class Method(nn.Module):
         rank must return the same number of batches so DDP stays in lockstep."""
         return None
 
+    def set_train_labels(self, labels: Any) -> None:
+        """Labeled methods receive the training labels (int64, one per image) once before training, e.g. to
+        build class-balanced batches in `epoch_batches`. The default ignores them."""
+
     def export_module(self) -> tuple[nn.Module, dict[str, Any]]:
         """The module saved as the stage's artifact and JSON facts that rebuild it around the timm backbone.
         Default: the bare backbone. STML exports backbone + pooling + embedding head."""

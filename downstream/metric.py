@@ -1,0 +1,158 @@
+"""Supervised deep metric learning as a training stage: backbone -> linear head -> L2-normalized embedding.
+
+Trained with a pair-based loss (``downstream.metric_losses``) on class-balanced batches
+(:func:`m_per_class_batches`: m images of each class in the batch, so every batch holds positives), and
+exported as an embedder (:class:`MetricEmbedder`, rebuilt by :func:`rebuild_exported`) that retrieval and
+clustering use in place of the bare backbone. The usual protocol trains on some classes and evaluates
+retrieval (Recall@K, MAP@R) on classes never seen in training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from downstream.metric_losses import build_criterion
+from downstream.settings import MetricSettings
+from pretext.base import Method
+from pretext.transforms import SimCLRAugment
+
+__all__ = ["MetricLearning", "MetricEmbedder", "m_per_class_batches", "rebuild_exported", "EXPORT_KIND"]
+
+EXPORT_KIND = "metric_embedder"
+
+
+class MetricEmbedder(nn.Module):
+    """Backbone (its own pooling) -> linear head -> L2 normalization; ``num_features`` is the output width.
+
+    Takes the same input as the backbone (normalized as the artifact says), so it drops in wherever a
+    backbone artifact is embedded.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_features = int(head.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
+
+
+def rebuild_exported(backbone: nn.Module, meta: dict[str, Any]) -> MetricEmbedder:
+    """The module of a metric-learning artifact around a freshly built backbone (load its state dict next)."""
+    if meta.get("export") != EXPORT_KIND:
+        raise ValueError(f"not a metric-learning export: export={meta.get('export')!r}")
+    return MetricEmbedder(backbone, nn.Linear(int(meta["feature_dim"]), int(meta["embedding_dim"])))
+
+
+def m_per_class_batches(labels: np.ndarray, *, images_per_class: int, batch_size: int, num_batches: int, seed: int,
+                        epoch: int, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+    """``num_batches`` batches for ``rank``, each ``batch_size`` indices in groups of m images of one class.
+
+    Semantics: for every step one global batch of ``world_size * batch_size`` slots is drawn from
+    (seed, epoch, step), the same on every rank: ``ceil(world_size * batch_size / m)`` class slots, filled
+    from a random permutation of the classes (cycled, each cycle a fresh permutation, when the batch has
+    more slots than there are classes, so a class then fills several groups). Rank r takes the slots
+    ``r * batch_size`` .. ``(r + 1) * batch_size``, so the ranks' shares are disjoint; each class's images
+    in the global batch are drawn without replacement (with replacement only if the class has fewer
+    images than slots). With m not dividing ``batch_size`` a rank's last group is cut short.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    m = int(images_per_class)
+    if m < 1 or batch_size < 1 or num_batches < 0:
+        raise ValueError(f"need images_per_class >= 1, batch_size >= 1, num_batches >= 0; "
+                         f"got {images_per_class}, {batch_size}, {num_batches}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    classes, inverse = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"m-per-class batches need at least 2 classes, got {len(classes)}")
+    members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+    global_size = world_size * batch_size
+    groups = math.ceil(global_size / m)
+    out = []
+    for step in range(num_batches):
+        rng = np.random.default_rng([int(seed), int(epoch), step])
+        cycles = math.ceil(groups / len(classes))
+        slots = np.concatenate([rng.permutation(len(classes)) for _ in range(cycles)])[:groups]
+        batch = np.empty(groups * m, dtype=np.int64)
+        for c in np.unique(slots):
+            where = np.flatnonzero(slots == c)
+            need = len(where) * m
+            pool = members[c]
+            picked = rng.choice(pool, size=need, replace=need > len(pool))
+            for k, g in enumerate(where):
+                batch[g * m : (g + 1) * m] = picked[k * m : (k + 1) * m]
+        out.append(batch[rank * batch_size : (rank + 1) * batch_size])
+    return out
+
+
+class MetricLearning(Method):
+    """Labeled method: ``training_step(images, labels)`` embeds (augmented) images and applies the loss.
+
+    The criterion gathers embeddings across DDP workers before mining; Embedding Expansion, when enabled,
+    adds synthetic points between positive pairs and mines the hardest negatives among all points.
+    """
+
+    name = "metric"
+    settings_model = MetricSettings
+    needs_labels = True
+
+    def __init__(self, backbone, feature_dim, settings, **kwargs: Any) -> None:
+        super().__init__(backbone, feature_dim, settings, **kwargs)
+        s: MetricSettings = self.settings
+        self.head = nn.Linear(self.feature_dim, s.embedding_dim)
+        self.augment = SimCLRAugment(input_size=self.input_size, **s.augment.model_dump()) if s.augment_views else None
+        ee = s.embedding_expansion
+        self.criterion = build_criterion(s.loss, s.resolved_miner(), margin=s.margin,
+                                         quadruplet_margin2=s.quadruplet_margin2,
+                                         expansion_points=ee.points if ee.enabled else 0)
+        self._train_labels: np.ndarray | None = None
+
+    def embed(self, images: Tensor) -> Tensor:
+        """L2-normalized embeddings of a [0, 1] batch (no augmentation)."""
+        return F.normalize(self.head(self.encode(images)).float(), dim=1)
+
+    def training_step(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
+        if labels is None:
+            raise ValueError("metric learning needs labels for every batch")
+        if self.augment is not None:
+            with torch.no_grad():
+                images = self.augment(images)
+        return self.criterion(self.embed(images), labels)
+
+    # -- pipeline hooks --------------------------------------------------------------------------
+    def set_train_labels(self, labels: np.ndarray) -> None:
+        self._train_labels = np.asarray(labels, dtype=np.int64)
+
+    def epoch_batches(self, images: Any, *, epoch: int, rank: int, world_size: int, batch_size: int,
+                      seed: int) -> list[np.ndarray]:
+        """m-per-class batches; as many as the default sampler gives, ``(N // world_size) // batch_size``,
+        so the trainer's step count and LR schedule hold."""
+        if self._train_labels is None:
+            raise RuntimeError("metric learning: the training labels were not attached (set_train_labels)")
+        n = len(images)
+        steps = (n // world_size) // batch_size
+        if steps < 1:
+            raise ValueError(f"metric: {n} images are too few for {world_size} worker(s) with batches of {batch_size}")
+        return m_per_class_batches(self._train_labels, images_per_class=self.settings.images_per_class,
+                                   batch_size=batch_size, num_batches=steps, seed=seed, epoch=epoch, rank=rank,
+                                   world_size=world_size)
+
+    def export_module(self) -> tuple[nn.Module, dict[str, Any]]:
+        """The retrieval embedder (backbone + head, L2-normalized), sharing the method's modules."""
+        s: MetricSettings = self.settings
+        embedder = MetricEmbedder(self.backbone, self.head)
+        embedder.training = self.training
+        return embedder, {"export": EXPORT_KIND, "embedding_dim": int(s.embedding_dim), "l2_normalize": True}
+
+    def artifact_extras(self) -> dict[str, Any]:
+        s: MetricSettings = self.settings
+        return {"metric": {"loss": s.loss, "miner": s.resolved_miner(), "embedding_dim": s.embedding_dim,
+                           "embedding_expansion": s.embedding_expansion.model_dump()}}
