@@ -7,5 +7,13 @@ stage's method name to "module:Class"; `DOWNSTREAM_SETTINGS` (torch-free) valida
 
 from __future__ import annotations
 
+from downstream.settings import FinetuneSettings
+
 # name -> "module:Class"; filled in as labeled training stages are added.
-METHODS: dict[str, str] = {}
+METHODS: dict[str, str] = {
+    "finetune": "downstream.finetune:Finetune",
+}
+
+DOWNSTREAM_SETTINGS: dict[str, type] = {
+    "finetune": FinetuneSettings,
+}
