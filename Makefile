@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python bench/speed.py --method moco
 	$(BIN)/python bench/pretext.py
 	$(BIN)/python bench/stml.py
+	$(BIN)/python bench/downstream.py --label-efficiency
 
 clean:
 	rm -rf runs bench/_work .pytest_cache

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from downstream.settings import DOWNSTREAM_SETTINGS
 
-# name -> "module:Class"; filled in as labeled training stages are added.
+# name -> "module:Class" of the labeled training methods.
 METHODS: dict[str, str] = {
+    "finetune": "downstream.finetune:Finetune",
     "metric": "downstream.metric:MetricLearning",
 }
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from downstream.policies import PolicyError, validate_policies
 from pretext import REFINE_METHODS, method_names, method_settings
 from pretext.settings import StrictSettings
 
@@ -105,6 +106,10 @@ class PretextStage(StageBase):
     log_every_steps: int = Field(20, ge=1)
     evaluate: bool = Field(True, description="kNN accuracy and k-means NMI of the backbone when labels exist")
     settings: dict[str, Any] = Field(default_factory=dict)
+    augment: list[Any] = Field(
+        default_factory=list,
+        description="augmentation policies by name applied to every training batch before the method sees it",
+    )
 
     @field_validator("method")
     @classmethod
@@ -124,6 +129,14 @@ class PretextStage(StageBase):
         except ValidationError as err:
             raise ValueError(_format_errors(err, prefix="settings")) from None
         self.settings = validated.model_dump(mode="json")
+        return self
+
+    @model_validator(mode="after")
+    def _validate_augment(self) -> "PretextStage":
+        try:
+            self.augment = validate_policies(self.augment, allow_batch=self.kind == "finetune")
+        except PolicyError as err:
+            raise ValueError(str(err)) from None
         return self
 
 
@@ -171,6 +184,49 @@ class MetricStage(PretextStage):
             raise ValueError(_format_errors(err, prefix="settings")) from None
         self.settings = validated.model_dump(mode="json")
         return self
+
+
+class FinetuneStage(PretextStage):
+    """Trains a classifier on a labeled share of the training split: a linear probe on the frozen backbone
+    (`mode: linear`) or everything (`mode: full`). Produces a classifier and a backbone artifact."""
+
+    kind: Literal["finetune"]
+    method: str = "finetune"
+    input: str | None = Field(
+        None, description="a stage that produced a backbone, 'best', or 'random' (same as omitted): random init"
+    )
+    mode: Literal["linear", "full"] = "linear"
+    label_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="seeded, class-stratified share of the training labels (at least 1 per class)"
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="mode full: backbone lr = this x optimizer.lr")
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    evaluate: bool = Field(False, description="also kNN accuracy and k-means NMI of the fine-tuned backbone")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value != "finetune":
+            raise ValueError(f"unknown fine-tune method '{value}' (known: finetune)")
+        return value
+
+    @model_validator(mode="after")
+    def _validate_settings(self) -> "FinetuneStage":
+        if self.settings:
+            raise ValueError(
+                f"settings: a finetune stage takes its options as stage keys (mode, label_fraction, label_smoothing, "
+                f"backbone_lr_scale, head_dropout), got settings keys: {', '.join(map(str, self.settings))}"
+            )
+        return self
+
+    def method_settings(self, num_classes: int, class_ids: list[int]) -> dict[str, Any]:
+        """The fine-tune method's settings: this stage's keys plus the classes found in the labels."""
+        from downstream.settings import FinetuneSettings
+
+        return FinetuneSettings(mode=self.mode, label_smoothing=self.label_smoothing,
+                                backbone_lr_scale=self.backbone_lr_scale, head_dropout=self.head_dropout,
+                                num_classes=num_classes, class_ids=class_ids).model_dump(mode="json")
 
 
 class EvaluateStage(StageBase):
@@ -245,11 +301,10 @@ class EvaluateStage(StageBase):
         return self
 
 
-Stage = Annotated[Union[PretextStage, RefineStage, MetricStage, EvaluateStage], Field(discriminator="kind")]
-
-
+Stage = Annotated[Union[PretextStage, RefineStage, FinetuneStage, MetricStage, EvaluateStage], Field(discriminator="kind")]
+STAGE_KINDS = ("pretext", "refine", "finetune", "metric", "evaluate")
 # Stage kinds whose result is a backbone artifact (usable as another stage's `input`).
-BACKBONE_KINDS: tuple[str, ...] = ("pretext", "refine", "metric")
+BACKBONE_KINDS: tuple[str, ...] = ("pretext", "refine", "finetune", "metric")
 
 
 class SelectionConfig(Strict):
@@ -292,6 +347,10 @@ class PipelineConfig(Strict):
             if inp == "best":
                 if "pretext" not in seen.values():
                     raise ValueError(f"stage '{stage.name}': input 'best' needs an earlier pretext stage")
+            elif inp == "random":
+                if stage.kind != "finetune":
+                    raise ValueError(f"stage '{stage.name}': input 'random' (a random-init backbone) is for "
+                                     f"finetune stages; omit input for a fresh backbone")
             elif inp is not None and inp != "pixels":
                 if inp not in seen:
                     raise ValueError(
@@ -343,7 +402,7 @@ def _format_loc(loc: tuple, data: Any) -> str:
             parts.append(f"[{name}]" if name else f"[{item}]")
             node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
             continue
-        if isinstance(node, dict) and item not in node and item in ("pretext", "refine", "metric", "evaluate"):
+        if isinstance(node, dict) and item not in node and item in STAGE_KINDS:
             continue  # discriminated-union tag, not a key the user wrote
         parts.append(("." if parts else "") + str(item))
         node = node.get(item) if isinstance(node, dict) else None
@@ -357,8 +416,8 @@ def _format_errors(err: ValidationError, data: Any = None, prefix: str = "") -> 
         if prefix:
             loc = prefix if loc == "<root>" else f"{prefix}.{loc}"
         msg = e["msg"].removeprefix("Value error, ")
-        if msg.startswith("settings") and ": " in msg:
-            # a nested method-settings error, already formatted with its own key paths
+        if msg.startswith(("settings", "augment")) and ": " in msg:
+            # a nested method-settings or augmentation-policy error, already formatted with its own key paths
             lines.extend(f"{loc}.{line}" for line in msg.splitlines())
             continue
         unknown = re.match(r"^unknown key '([^']+)' (.*)$", msg, re.S)
@@ -367,9 +426,9 @@ def _format_errors(err: ValidationError, data: Any = None, prefix: str = "") -> 
             loc = key if loc == "<root>" else f"{loc}.{key}"
             msg = f"unknown key {rest}"
         if e["type"] == "union_tag_invalid":
-            msg = "kind must be one of: pretext, refine, metric, evaluate"
+            msg = f"kind must be one of: {', '.join(STAGE_KINDS)}"
         elif e["type"] == "union_tag_not_found":
-            msg = "each stage needs kind: pretext | refine | metric | evaluate"
+            msg = f"each stage needs kind: {' | '.join(STAGE_KINDS)}"
         got = e.get("input")
         if e["type"] not in ("missing", "value_error", "union_tag_not_found") and not isinstance(got, (dict, list)):
             msg += f" (got {got!r})"

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.config import EvaluateStage, MetricStage, PipelineConfig, PretextStage, dump_config, flatten
+from pipeline.config import EvaluateStage, FinetuneStage, MetricStage, PipelineConfig, PretextStage, dump_config, flatten
 
 
 def log(message: str) -> None:
@@ -75,7 +75,7 @@ class PipelineRun:
         self.train = load_images(d.source, d.train_split, subset=d.train_subset, classes=d.train_classes, **common)
         self.log(f"data: {d.source}/{d.train_split}: {len(self.train)} images {self.train.images.shape[1:]}")
         self.evalset = None
-        if any(s.kind == "evaluate" or getattr(s, "evaluate", False) or getattr(s, "retrieval", False)
+        if any(s.kind in ("evaluate", "finetune") or getattr(s, "evaluate", False) or getattr(s, "retrieval", False)
                for s in cfg.stages):
             self.evalset = load_images(d.source, d.eval_split, subset=d.eval_subset, classes=d.eval_classes, **common)
             self.log(f"data: {d.source}/{d.eval_split}: {len(self.evalset)} images for evaluation")
@@ -154,6 +154,32 @@ class PipelineRun:
             metrics.update(quick)
         artifacts = {"backbone": str(backbone_dir), **report_artifacts, "checkpoints": fit.storage}
         return StageResult(metrics=metrics, artifacts=artifacts)
+
+    def _run_finetune(self, stage: FinetuneStage, inp: str | None, run_id: str, fp: str) -> StageResult:
+        """Train on a stratified labeled share of the training split, then test accuracy on the eval split."""
+        from downstream.finetune import stratified_fraction
+        from pipeline.classifier import classifier_accuracy, write_classifier
+        from pipeline.data import DataError
+
+        for split, data in (("training", self.train), ("evaluation", self.evalset)):
+            if data is None or data.labels is None:
+                raise DataError(f"stage '{stage.name}': fine-tuning needs labels, but the {split} split of "
+                                f"data source '{self.config.data.source}' has none")
+        class_ids, targets = np.unique(self.train.labels, return_inverse=True)
+        if len(class_ids) < 2:
+            raise DataError(f"stage '{stage.name}': fine-tuning needs at least 2 classes in the training labels")
+        keep = stratified_fraction(targets, stage.label_fraction, seed=self.config.seed)
+        self.log(f"[{stage.name}] {stage.mode} fine-tuning on {len(keep)} labeled images "
+                 f"({stage.label_fraction:g} of {len(targets)}, {len(class_ids)} classes)")
+        job_stage = stage.model_copy(update={"settings": stage.method_settings(len(class_ids), class_ids.tolist())})
+        result = self._run_pretext(job_stage, None if inp == "random" else inp, run_id, fp,
+                                   images=self.train.images[keep], labels=targets[keep])
+        classifier = write_classifier(result.artifacts["backbone"], result.artifacts["classifier"])
+        test = classifier_accuracy(classifier, self.evalset.images, self.evalset.labels)
+        self.log(f"[{stage.name}] test accuracy {test['accuracy']:.4f}"
+                 + (f"  top-5 {test['top5_accuracy']:.4f}" if "top5_accuracy" in test else ""))
+        result.metrics.update(test, labeled_images=float(len(keep)))
+        return result
 
     def _heldout_report(self, job, checkpoint_dir: Path, stage_dir: Path, max_images: int = 256):
         """Rebuild the trained method on the driver and let it report on held-out images."""
@@ -275,7 +301,9 @@ class PipelineRun:
         tracker.log_params(run_id, flatten(stage.model_dump(mode="json")))
         started = time.time()
         try:
-            if stage.kind in ("pretext", "refine"):
+            if stage.kind == "finetune":
+                result = self._run_finetune(stage, inp, run_id, fp)
+            elif stage.kind in ("pretext", "refine"):
                 result = self._run_pretext(stage, inp, run_id, fp)
             elif stage.kind == "metric":
                 result = self._run_metric(stage, inp, run_id, fp)
@@ -288,7 +316,8 @@ class PipelineRun:
         result.metrics["stage_time_s"] = time.time() - started
         if stage.kind != "evaluate":  # per-epoch metrics were logged by the rank-0 worker
             tracker.log_metrics(run_id, {k: v for k, v in result.metrics.items()
-                                         if k in ("stage_time_s", "knn_accuracy", "nmi", "ari", "cluster_accuracy")
+                                         if k in ("stage_time_s", "knn_accuracy", "nmi", "ari", "cluster_accuracy",
+                                                  "accuracy", "top5_accuracy", "labeled_images")
                                          or k.startswith("recall_at_") or k == "map_at_r"})
         else:
             tracker.log_metrics(run_id, result.metrics)
@@ -388,7 +417,7 @@ class PipelineRun:
         return self.summary
 
 
-TABLE_METRICS = ("loss", "images_per_sec", "knn_accuracy", "recall_at_1", "map_at_r", "nmi", "ari", "cluster_accuracy",
+TABLE_METRICS = ("loss", "images_per_sec", "accuracy", "top5_accuracy", "knn_accuracy", "recall_at_1", "map_at_r", "nmi", "ari", "cluster_accuracy",
                  "heldout_pretext_accuracy", "heldout_ab_error", "stage_time_s")
 
 

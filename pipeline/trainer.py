@@ -64,7 +64,15 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
 
 
 def build_optimizer(groups: list[dict], cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """A group may carry `lr_scale` (e.g. a fine-tuned backbone at a tenth of the head's rate)."""
     name, lr = cfg["name"], cfg["lr"]
+    scaled = []
+    for group in groups:
+        group = dict(group)
+        if "lr_scale" in group:
+            group["lr"] = lr * group.pop("lr_scale")
+        scaled.append(group)
+    groups = scaled
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":
@@ -238,6 +246,11 @@ def train_worker(config: dict[str, Any]) -> None:
         if not job.labels:
             raise ValueError(f"stage '{stage['name']}': method '{stage['method']}' needs labels")
         labels = np.asarray(ray.get(job.labels[0]), dtype=np.int64)
+    # Stage-level `augment:` policies: per-image ones on the uint8 batch, mixup/cutmix with the labels.
+    from downstream.augment import build_augment
+
+    image_augment, batch_mix = build_augment(stage.get("augment"), num_classes=getattr(method, "num_classes", None),
+                                             allow_batch=labels is not None)
     if world > 1 and method.wants_sync_batchnorm():
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     model = ray.train.torch.prepare_model(method)
@@ -301,15 +314,18 @@ def train_worker(config: dict[str, Any]) -> None:
         epoch_images = 0
         for step, idx in enumerate(batches):
             batch = torch.from_numpy(images[idx])
+            if image_augment:
+                batch = image_augment(batch)
             if pin:
                 batch = batch.pin_memory()
             x = batch.to(device, non_blocking=True).float().div_(255.0)
-            x = match_channels(x, in_chans).contiguous(memory_format=memory_format)
+            x = match_channels(x, in_chans)
+            if labels is not None:
+                y = torch.from_numpy(labels[idx]).to(device, non_blocking=True)
+                x, y = batch_mix(x, y)  # identity without mixup/cutmix; else soft targets
+            x = x.contiguous(memory_format=memory_format)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                if labels is None:
-                    out = model(x)
-                else:
-                    out = model(x, torch.from_numpy(labels[idx]).to(device, non_blocking=True))
+                out = model(x) if labels is None else model(x, y)
             loss = out["loss"]
             if not torch.isfinite(loss.detach()):
                 raise NonFiniteLossError(
