@@ -39,6 +39,8 @@ bench: setup
 	$(BIN)/python bench/pretext.py
 	$(BIN)/python bench/stml.py
 	$(BIN)/python bench/downstream.py --label-efficiency
+	$(BIN)/python bench/metric.py
+	$(BIN)/python bench/kmeans.py
 
 clean:
 	rm -rf runs bench/_work .pytest_cache
