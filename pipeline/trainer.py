@@ -70,10 +70,11 @@ def _all_finite(loss: torch.Tensor, world: int) -> bool:
     return bool(torch.isfinite(value).all())
 
 
-def _write_progress_hook(path: str, rank: int, epoch: int, step: int) -> None:
+def _write_progress_hook(path: str, rank: int, epoch: int, step: int, start_epoch: int) -> None:
     target = Path(f"{path}.rank{rank}")
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "epoch": epoch, "step": step, "time": time.time()}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "epoch": epoch, "step": step,
+                               "start_epoch": start_epoch, "time": time.time()}))
     os.replace(tmp, target)
 
 
@@ -370,7 +371,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 sums[key] = sums.get(key, 0.0) + value
             steps_done_here += 1
             if progress_hook:
-                _write_progress_hook(progress_hook, rank, epoch + 1, step + 1)
+                _write_progress_hook(progress_hook, rank, epoch + 1, step + 1, start_epoch)
             if step_sleep:
                 time.sleep(step_sleep)
             if rank == 0 and ((step + 1) % stage["log_every_steps"] == 0 or step + 1 == len(batches)):
