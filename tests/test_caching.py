@@ -156,6 +156,17 @@ def test_rerun_flag_forces_one_stage_and_rejects_unknown_names(first_run, monkey
     with pytest.raises(ConfigError, match="--rerun nope: no such stage"):
         PipelineRun(config, out, rerun=["nope"])
 
+    # a forced training stage starts from scratch (its finished checkpoints are dropped) and what it feeds follows
+    plans = PipelineRun(config, out, rerun=["simclr"]).plan()
+    assert [p.describe() for p in plans] == [f"reuse (run {summary['stages']['pixels']['run_id']})", "run (forced)",
+                                             "run (input best is decided after training)"]
+    forced = PipelineRun(config, out, rerun=["simclr"]).run()
+    assert counter.calls == ["simclr"] and forced["reused_stages"] == ["pixels"]
+    assert forced["stages"]["simclr"]["fingerprint"] == summary["stages"]["simclr"]["fingerprint"]
+    assert forced["stages"]["evaluate"]["reused"] is False
+    history = _client(forced).get_metric_history(forced["stages"]["simclr"]["run_id"], "loss")
+    assert [m.step for m in history] == [1]  # trained epoch 1 again rather than resuming after it
+
 
 def test_missing_artifact_or_unfinished_mlflow_run_is_not_reused(first_run):
     from pathlib import Path
