@@ -460,6 +460,7 @@ def fit_stage(job: TrainJob, *, ray_cfg: dict[str, Any], storage_path: str, run_
     if result.checkpoint is None:
         raise RuntimeError(f"stage '{job.stage['name']}' finished without a checkpoint")
     target = workdir / "final_checkpoint"
+    workdir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".final_checkpoint.", dir=workdir))
     try:
         with result.checkpoint.as_directory() as ckpt_dir:
