@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+STAGE_THREAD_PREFIX = "sslpipe-stage"  # threads of concurrently running stages (pipeline.runner)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,6 +95,22 @@ def plan_table(plans) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
 
 
+def _exit_past_stage_threads(code: int) -> None:
+    """Concurrent stages still block in Ray calls (their MLflow runs are already KILLED); the interpreter
+    would wait for them at exit. Stop Ray (bounded), then leave without waiting."""
+    def stop_ray():
+        import ray
+
+        ray.shutdown()
+
+    stopper = threading.Thread(target=stop_ray, daemon=True)
+    stopper.start()
+    stopper.join(timeout=15)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _sigterm_as_interrupt(signum, frame) -> None:
     """SIGTERM (a scheduler stopping the job) gets the same cleanup as Ctrl-C."""
     raise KeyboardInterrupt(f"signal {signum}")
@@ -128,10 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are in summary.json; rerun the same command to continue", file=sys.stderr)
-        if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)  # concurrent stages still block in Ray calls; their MLflow runs are already KILLED
+        if any(t.is_alive() and t.name.startswith(STAGE_THREAD_PREFIX) for t in threading.enumerate()):
+            _exit_past_stage_threads(130)
         return 130
     except _bad_input_errors() as err:
         print(f"error: {err}", file=sys.stderr)

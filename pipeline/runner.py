@@ -526,7 +526,7 @@ class PipelineRun:
 
         self.log(f"running {len(to_train)} independent pretext stages concurrently: "
                  f"{', '.join(s.name for s, _ in to_train)}")
-        pool = ThreadPoolExecutor(max_workers=len(to_train))
+        pool = ThreadPoolExecutor(max_workers=len(to_train), thread_name_prefix="sslpipe-stage")
         futures = [pool.submit(self._execute, stage, i) for stage, i in to_train]
         try:
             for future in futures:
