@@ -78,3 +78,33 @@ def test_sigterm_marks_runs_killed_and_the_rerun_resumes_from_the_checkpoint(ray
     assert sorted(resumed_steps) == list(range(resumed_after + 1, 5))
     assert sorted(set(killed_steps) | set(resumed_steps)) == [1, 2, 3, 4]
     assert time.time() - started < 600
+
+
+def test_sigterm_during_concurrent_stages_exits_promptly_with_both_runs_killed(ray_session, sslpipe_cmd, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    data = copy.deepcopy(TINY)
+    data["ray"].update(address=ray_session.get_runtime_context().gcs_address, num_workers=1)
+    second = {**data["stages"][0], "name": "other", "settings": {"temperature": 0.2}}
+    data["stages"].append(second)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    out, log_path = tmp_path / "out", tmp_path / "run.log"
+    env = {**os.environ, "SSLPIPE_TEST_STEP_SLEEP": "0.5"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*sslpipe_cmd, "run", str(config), "--output-dir", str(out)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: log_path.read_text().count("epoch 1/4 step") >= 2, timeout=300,
+                     what="both stages training")
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)  # the stage threads block in Ray calls: the CLI must not wait for them
+        finally:
+            proc.kill()
+    assert code == 130, log_path.read_text()[-3000:]
+    assert "running 2 independent pretext stages concurrently" in log_path.read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    experiment = client.get_run(summary["parent_run_id"]).info.experiment_id
+    statuses = {r.info.run_name: r.info.status for r in client.search_runs([experiment])}
+    assert statuses == {"simclr": "KILLED", "other": "KILLED", "faults": "KILLED"}
