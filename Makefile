@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python bench/downstream.py --label-efficiency
 	$(BIN)/python bench/metric.py
 	$(BIN)/python bench/kmeans.py
+	$(BIN)/python bench/overheads.py
 
 clean:
 	rm -rf runs bench/_work .pytest_cache

@@ -1,17 +1,22 @@
 """`sslpipe` command line.
 
-Exit codes: 0 success, 2 bad config or input (nothing started), 1 failure during the run.
-torch, Ray and MLflow are imported only once work starts, so `--help` and config errors are instant.
+Exit codes: 0 success, 2 bad config or input, or an unreachable MLflow server (nothing started),
+1 failure during the run (e.g. a non-finite loss), 130 interrupted by Ctrl-C or SIGTERM (rerun the
+same command to continue). torch, Ray and MLflow are imported only once work starts, so `--help` and
+config errors are instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+STAGE_THREAD_PREFIX = "sslpipe-stage"  # threads of concurrently running stages (pipeline.runner)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,10 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     retrain.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     retrain.add_argument("--output-dir", default=None, help="same default as run; keep it fixed between retrains "
                          "unless tracking.uri points at a shared MLflow server")
+
+
+    run.add_argument("--dry-run", action="store_true",
+                     help="print each stage's plan (run / reuse / resume) and fingerprint; no Ray, no MLflow writes")
+    run.add_argument("--force", action="store_true", help="ignore cached stages and checkpoints: train everything again")
+    run.add_argument("--rerun", action="append", default=[], metavar="STAGE",
+                     help="run this stage again from scratch even if cached (repeatable); stages fed by it follow")
     check = sub.add_parser("check", help="validate a config and print it resolved, without running")
     check.add_argument("config")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    sub.add_parser("methods", help="list the registered pretext methods")
+    sub.add_parser("methods", help="list the registered methods and the stage kind that runs each")
     return parser
 
 
@@ -77,7 +89,11 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.runner import PipelineRun, results_table
     from pipeline.tracking import ui_command
 
-    summary = PipelineRun(config, output_dir).run()
+    pipeline = PipelineRun(config, output_dir, force=args.force, rerun=args.rerun)
+    if args.dry_run:
+        print(plan_table(pipeline.plan()))
+        return EXIT_OK
+    summary = pipeline.run()
     print("\n" + results_table(summary))
     print(f"\nsummary: {output_dir / 'summary.json'}")
     print(f"MLflow:  {ui_command(summary['tracking_uri'])}")
@@ -100,12 +116,57 @@ def _retrain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def plan_table(plans) -> str:
+    rows = [("stage", "kind", "input", "fingerprint", "action")]
+    rows += [(p.name, p.kind, p.input or "-", p.fingerprint or "?", p.describe()) for p in plans]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+
+
+def _exit_past_stage_threads(code: int) -> None:
+    """Concurrent stages still block in Ray calls (their MLflow runs are already KILLED); the interpreter
+    would wait for them at exit. Stop Ray (bounded), then leave without waiting."""
+    def stop_ray():
+        import ray
+
+        ray.shutdown()
+
+    stopper = threading.Thread(target=stop_ray, daemon=True)
+    stopper.start()
+    stopper.join(timeout=15)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _sigterm_as_interrupt(signum, frame) -> None:
+    """SIGTERM (a scheduler stopping the job) gets the same cleanup as Ctrl-C."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _failure_message(err: BaseException) -> str | None:
+    """A one-line message for failures whose cause is already clear (no traceback needed)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ == "NonFiniteLossError":
+            return str(err)
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("run", "retrain") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     if args.command == "methods":
-        from pretext import method_names
+        import downstream
+        from pretext import REFINE_METHODS, method_names
 
-        print("\n".join(method_names()))
+        for name in method_names():
+            print(f"{name}\t{'refine' if name in REFINE_METHODS else 'pretext'}")
+        for name in sorted(downstream.METHODS):
+            print(f"{name}\t{name}")
         return EXIT_OK
     try:
         if args.command == "check":
@@ -118,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are in summary.json; rerun the same command to continue", file=sys.stderr)
+        if any(t.is_alive() and t.name.startswith(STAGE_THREAD_PREFIX) for t in threading.enumerate()):
+            _exit_past_stage_threads(130)
         return 130
     except _bad_input_errors() as err:
         print(f"error: {err}", file=sys.stderr)
@@ -127,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         if cause is not None:
             print(f"error: {cause}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        message = _failure_message(err)
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
+            return EXIT_FAILURE
         import traceback
 
         traceback.print_exc()

@@ -18,6 +18,49 @@ class TrackingError(Exception):
     """MLflow cannot be reached or used; raised before any training starts."""
 
 
+REACHABLE_TIMEOUT_S = 5.0
+
+
+def check_reachable(uri: str, timeout: float = REACHABLE_TIMEOUT_S) -> None:
+    """Fail in seconds when an HTTP tracking server is down, not after MLflow's minutes of retries.
+
+    Any HTTP answer counts as reachable (not every server has /health); only a refused or timed-out
+    connection raises TrackingError, which the CLI reports with exit code 2 before any training.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server ...) "
+            f"or point tracking.uri elsewhere"
+        ) from None
+
+
+def read_run_status(uri: str, run_id: str) -> str | None:
+    """Status of an existing run without creating anything: None when the store or the run is missing."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return _status(MlflowClient(tracking_uri=uri).get_run(run_id))
+    except Exception:  # noqa: BLE001 - a run we cannot read cannot be reused
+        return None
+
+
+def _status(run) -> str:
+    return "DELETED" if run.info.lifecycle_stage == "deleted" else run.info.status
+
+
 def default_uri(output_dir: Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
@@ -45,6 +88,13 @@ class Tracker:
                 self.experiment_id = exp.experiment_id
         except Exception as err:  # noqa: BLE001 - any backend failure means we must not start
             raise TrackingError(f"MLflow tracking at {uri} is not usable: {type(err).__name__}: {err}") from None
+
+    def run_status(self, run_id: str) -> str | None:
+        """FINISHED / FAILED / KILLED / RUNNING, or None when the run does not exist here."""
+        try:
+            return _status(self.client.get_run(run_id))
+        except Exception:  # noqa: BLE001 - deleted, or from another tracking store
+            return None
 
     def start_run(self, name: str, *, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         all_tags = dict(tags or {})

@@ -50,8 +50,56 @@ class TrainJob:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
+NON_FINITE_MARKER = "non_finite_loss.json"  # written by rank 0 into the Ray Train run folder
+
+# Test hooks, read from the driver's environment when a stage starts and passed to every worker.
+HOOK_PROGRESS_FILE = "SSLPIPE_TEST_PROGRESS_FILE"  # each rank writes {pid, epoch, step} to <file>.rank<r> every step
+HOOK_STEP_SLEEP = "SSLPIPE_TEST_STEP_SLEEP"  # seconds to sleep after every step (to interrupt mid-epoch)
+HOOK_NAN_AT_EPOCH = "SSLPIPE_TEST_NAN_AT_EPOCH"  # the loss becomes NaN in this (1-based) epoch
+TEST_HOOKS = (HOOK_PROGRESS_FILE, HOOK_STEP_SLEEP, HOOK_NAN_AT_EPOCH)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf: the stage stops and the last good checkpoint is kept."""
+
+
+def _all_finite(loss: torch.Tensor, world: int) -> bool:
+    """One flag for every rank, so all stop at the same step and no collective is left waiting."""
+    value = loss.detach().float().reshape(1)
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.clone()
+        torch.distributed.all_reduce(value)  # NaN/inf on any rank makes the sum non-finite
+    return bool(torch.isfinite(value).all())
+
+
+def _write_progress_hook(path: str, rank: int, epoch: int, step: int, start_epoch: int) -> None:
+    target = Path(f"{path}.rank{rank}")
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "epoch": epoch, "step": step,
+                               "start_epoch": start_epoch, "time": time.time()}))
+    os.replace(tmp, target)
+
+
+def _write_marker(info: dict[str, Any]) -> None:
+    """Leave the reason for stopping where the driver finds it (the run folder on shared storage)."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    with storage.storage_filesystem.open_output_stream(f"{storage.experiment_fs_path}/{NON_FINITE_MARKER}") as f:
+        f.write(json.dumps(info).encode())
+
+
+def _pop_marker(filesystem, run_path: str) -> dict[str, Any] | None:
+    """Read and delete the non-finite marker of a run (None when training did not stop for that)."""
+    import pyarrow.fs
+
+    path = f"{run_path}/{NON_FINITE_MARKER}"
+    if filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(path) as f:
+        info = json.loads(f.read().decode())
+    filesystem.delete_file(path)
+    return info
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -232,6 +280,10 @@ def train_worker(config: dict[str, Any]) -> None:
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every fallback at INFO
     job = TrainJob(**config["job"])
     stage = job.stage
+    hooks = config.get("hooks") or {}
+    progress_hook = hooks.get(HOOK_PROGRESS_FILE)
+    step_sleep = float(hooks.get(HOOK_STEP_SLEEP) or 0)
+    nan_epoch = int(hooks.get(HOOK_NAN_AT_EPOCH) or 0)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -327,11 +379,14 @@ def train_worker(config: dict[str, Any]) -> None:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = model(x) if labels is None else model(x, y)
             loss = out["loss"]
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(
-                    f"stage '{stage['name']}': loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    f"lower optimizer.lr or use precision: fp32. The last good checkpoint is kept."
-                )
+            if nan_epoch == epoch + 1:
+                loss = loss * float("nan")
+            if not _all_finite(loss, world):
+                # Stop cleanly instead of raising: Ray Train would retry a worker error up to max_failures
+                # times and hit the same loss again. The driver turns the marker into NonFiniteLossError.
+                if rank == 0:
+                    _write_marker({"epoch": epoch + 1, "step": step + 1, "loss": float(loss.detach().float())})
+                return
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -343,6 +398,10 @@ def train_worker(config: dict[str, Any]) -> None:
                 value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
                 sums[key] = sums.get(key, 0.0) + value
             steps_done_here += 1
+            if progress_hook:
+                _write_progress_hook(progress_hook, rank, epoch + 1, step + 1, start_epoch)
+            if step_sleep:
+                time.sleep(step_sleep)
             if rank == 0 and ((step + 1) % stage["log_every_steps"] == 0 or step + 1 == len(batches)):
                 elapsed = time.time() - stage_start
                 remaining = (epochs - epoch) * len(batches) - (step + 1)
@@ -411,15 +470,35 @@ def fit_stage(job: TrainJob, *, ray_cfg: dict[str, Any], storage_path: str, run_
         # Train's INFO lines (every report, every checkpoint) drown our progress lines; warnings still show.
         logging_config=LoggingConfig(log_level=os.environ.get("SSLPIPE_RAY_TRAIN_LOG_LEVEL", "WARNING")),
     )
-    trainer = TorchTrainer(train_worker, train_loop_config={"job": asdict(job)}, scaling_config=scaling, run_config=run_config)
+    hooks = {k: os.environ[k] for k in TEST_HOOKS if os.environ.get(k)}
+    if "://" not in storage_path:  # a marker left by a run that crashed afterwards is stale
+        (Path(storage_path) / run_name / NON_FINITE_MARKER).unlink(missing_ok=True)
+    trainer = TorchTrainer(train_worker, train_loop_config={"job": asdict(job), "hooks": hooks},
+                           scaling_config=scaling, run_config=run_config)
     result = trainer.fit()
+    stopped = _pop_marker(result.filesystem, result.path)
+    if stopped is not None:
+        last = int(result.metrics.get("epoch", 0)) if result.checkpoint is not None and result.metrics else None
+        kept = (f"the last good checkpoint (after epoch {last}) is kept in {result.path}" if last
+                else "no checkpoint was written before it")
+        raise NonFiniteLossError(
+            f"stage '{job.stage['name']}': loss is {stopped['loss']} at epoch {stopped['epoch']}, step {stopped['step']}; "
+            f"lower optimizer.lr or use precision: fp32; {kept}"
+        )
     if result.checkpoint is None:
         raise RuntimeError(f"stage '{job.stage['name']}' finished without a checkpoint")
     target = workdir / "final_checkpoint"
-    if target.exists():
-        shutil.rmtree(target)
-    with result.checkpoint.as_directory() as ckpt_dir:
-        shutil.copytree(ckpt_dir, target)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".final_checkpoint.", dir=workdir))
+    try:
+        with result.checkpoint.as_directory() as ckpt_dir:
+            shutil.copytree(ckpt_dir, tmp, dirs_exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     progress = json.loads((target / PROGRESS_FILE).read_text())
     return StageFit(metrics=progress.get("metrics", {}), checkpoint_dir=target, storage=result.path)
 
