@@ -27,6 +27,9 @@ DISTANCES = ("euclidean", "cosine", "mahalanobis")
 DEFAULT_RECALL_AT = (1, 2, 4, 8)
 LARGE_SET_RECALL_AT = (10, 100)
 LARGE_SET = 1000  # galleries larger than this also get Recall@10/@100 by default
+# Galleries up to this size are ranked in full (exact mAP); larger ones go through a faiss k-NN search
+# to the depth MAP@R and Recall@K need (a full ranking is O(N^2) memory and sort time).
+EXACT_RANKING_MAX = 20_000
 
 # Queries per block of the full ranking: the (block, gallery) distance, index and relevance arrays together
 # stay near this many bytes.
@@ -133,6 +136,36 @@ def ranked_gallery(queries: np.ndarray, gallery: np.ndarray | None = None, *, di
         yield rows, ranking[:, :n_gallery] if loo else ranking
 
 
+def faiss_ranked_gallery(queries: np.ndarray, gallery: np.ndarray | None = None, *, depth: int,
+                         distance: str = "cosine", whitening: Whitening | None = None, use_gpu: bool | None = None):
+    """Like :func:`ranked_gallery`, but only each query's `depth` nearest gallery images, from a faiss flat
+    index (on all GPUs when faiss sees one): what large galleries use. Leave-one-out drops the query's own
+    row (searching one neighbour deeper)."""
+    import faiss
+
+    loo = gallery is None
+    q, g = _prepare(queries, queries if loo else gallery, distance, whitening)
+    q, g = np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(g, dtype=np.float32)
+    depth = min(int(depth), len(g) - int(loo))
+    if depth < 1:
+        raise ValueError(f"retrieval needs at least one gallery image per query, got a gallery of {len(g) - int(loo)}")
+    k = depth + int(loo)
+    index = faiss.IndexFlatIP(g.shape[1]) if distance == "cosine" else faiss.IndexFlatL2(g.shape[1])
+    if faiss.get_num_gpus() > 0 and use_gpu is not False and k <= 2048:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(g)
+    block = max(1, _BLOCK_BYTES // (16 * k))
+    for start in range(0, len(q), block):
+        rows = np.arange(start, min(start + block, len(q)))
+        _, found = index.search(q[rows], k)
+        if loo:
+            not_self = found != rows[:, None]
+            # the first `depth` entries that are not the query itself (if it was not found, the last is cut)
+            order = np.argsort(~not_self, axis=1, kind="stable")[:, :depth]
+            found = np.take_along_axis(found, order, axis=1)
+        yield rows, found.astype(np.int64, copy=False)
+
+
 # --------------------------------------------------------------------------------------------- metrics
 
 
@@ -182,8 +215,11 @@ def default_recall_at(gallery_size: int) -> list[int]:
 def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[int] | None = None,
                       metric: str = "cosine", gallery_features: np.ndarray | None = None,
                       gallery_labels: np.ndarray | None = None, train_features: np.ndarray | None = None,
-                      shrinkage: float | str = "auto") -> dict[str, float]:
+                      shrinkage: float | str = "auto", exact_max: int = EXACT_RANKING_MAX) -> dict[str, float]:
     """Recall@ks, R-precision, MAP@R and mAP (full ranking) of `features` as queries.
+
+    Galleries larger than `exact_max` are searched with faiss to the depth Recall@K and MAP@R need; mAP
+    (which needs the whole ranking) is then left out.
 
     Without a gallery, leave-one-out on `features`; with one, queries search the gallery. `metric` is the
     distance; ``mahalanobis`` whitens with `train_features` (falling back to the gallery when it is the
@@ -219,14 +255,22 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[
     r_all = relevant_counts(labels, g_labels, loo)
     sums: dict[str, float] = {}
     scored = 0
-    for rows, ranking in ranked_gallery(features, None if loo else gallery_features, distance=metric,
-                                        whitening=whitening):
+    exact = n_gallery <= exact_max
+    if exact:
+        rankings = ranked_gallery(features, None if loo else gallery_features, distance=metric, whitening=whitening)
+    else:
+        depth = max(max(ks), int(r_all.max()))
+        rankings = faiss_ranked_gallery(features, None if loo else gallery_features, depth=depth, distance=metric,
+                                        whitening=whitening)
+    for rows, ranking in rankings:
         r = r_all[rows]
         keep = r > 0
         if not keep.any():
             continue
         relevant = g_labels[ranking[keep]] == labels[rows[keep]][:, None]
         for name, values in ranking_metrics(relevant, r[keep], ks).items():
+            if name == "map" and not exact:
+                continue  # a truncated ranking cannot give the full average precision
             sums[name] = sums.get(name, 0.0) + float(values.sum())
         scored += int(keep.sum())
     if scored == 0:

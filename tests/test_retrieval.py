@@ -186,3 +186,22 @@ def test_mahalanobis_beats_euclidean_on_a_stretched_set():
         retrieval_metrics(eval_x, eval_y, metric="mahalanobis")
     with pytest.raises(ValueError, match="distance"):
         retrieval_metrics(eval_x, eval_y, metric="manhattan")
+
+
+def test_faiss_search_gives_the_same_metrics_as_the_full_ranking_on_large_galleries():
+    """Above `exact_max` the metrics come from a faiss k-NN search; Recall@K, R-precision and MAP@R must not
+    change, and mAP (which needs the whole ranking) is left out."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 6, size=400)
+    centres = rng.normal(size=(6, 16))
+    x = (centres[labels] + 0.9 * rng.normal(size=(400, 16))).astype(np.float32)
+    for metric in ("cosine", "euclidean"):
+        exact = retrieval_metrics(x, labels, metric=metric)
+        searched = retrieval_metrics(x, labels, metric=metric, exact_max=10)
+        assert "map" in exact and "map" not in searched
+        for key in ("recall_at_1", "recall_at_4", "r_precision", "map_at_r"):
+            assert searched[key] == pytest.approx(exact[key], abs=1e-9), (metric, key)
+    gallery = (centres[labels[:200]] + 0.9 * rng.normal(size=(200, 16))).astype(np.float32)
+    exact = retrieval_metrics(x, labels, gallery_features=gallery, gallery_labels=labels[:200])
+    searched = retrieval_metrics(x, labels, gallery_features=gallery, gallery_labels=labels[:200], exact_max=10)
+    assert searched["map_at_r"] == pytest.approx(exact["map_at_r"], abs=1e-9)
