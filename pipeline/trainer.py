@@ -487,18 +487,12 @@ def fit_stage(job: TrainJob, *, ray_cfg: dict[str, Any], storage_path: str, run_
         )
     if result.checkpoint is None:
         raise RuntimeError(f"stage '{job.stage['name']}' finished without a checkpoint")
+    from pipeline.runner import replace_dir_atomic
+
     target = workdir / "final_checkpoint"
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".final_checkpoint.", dir=workdir))
-    try:
-        with result.checkpoint.as_directory() as ckpt_dir:
-            shutil.copytree(ckpt_dir, tmp, dirs_exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with result.checkpoint.as_directory() as ckpt_dir:
+        replace_dir_atomic(Path(ckpt_dir), target)
     progress = json.loads((target / PROGRESS_FILE).read_text())
     return StageFit(metrics=progress.get("metrics", {}), checkpoint_dir=target, storage=result.path)
 
