@@ -2,8 +2,8 @@
 
 1. lightly's plain-PyTorch SimCLR example loop (PIL images, lightly's SimCLRTransform in a DataLoader,
    backbone + SimCLRProjectionHead + NTXentLoss), fp32;
-2. our SimCLR stage under Ray Train (2 workers), fp32, and with the fast option (channels_last, plus
-   bf16 autocast where the CPU/GPU has native bf16);
+2. our SimCLR stage under Ray Train (2 workers, and 1 worker given all cores), fp32, and with the fast
+   option (channels_last, ``compile: true``, plus bf16 autocast where the CPU/GPU has native bf16);
 3. a bare forward+backward+step on ready-made views (no augmentation, no data path), and our
    in-process method step on the same batch, to show the data path is not the bottleneck.
 
@@ -167,13 +167,21 @@ def method_steps(data: np.ndarray, batch: int, steps: int, stem_stride: int, cha
     return batch / float(np.median(ours)), batch / float(np.median(bare))
 
 
-def ray_stage(n: int, batch: int, epochs: int, stem_stride: int, fast: bool, method: str = "simclr") -> float:
-    """Our pretext stage through `sslpipe run` (2 Ray Train workers); images/s of the last epoch."""
-    out = WORK / f"speed_{method}_{'fast' if fast else 'fp32'}"
+def ray_stage(n: int, batch: int, epochs: int, stem_stride: int, fast: bool, method: str = "simclr",
+              workers: int = 2) -> float:
+    """Our pretext stage through `sslpipe run` under Ray Train; images/s of the last epoch.
+
+    ``fast``: channels_last, ``compile: true`` and ``precision: auto`` (bf16 only where it is native). The
+    last epoch's mean excludes the one-off compile, as the lightly loop's median excludes its start-up.
+    ``workers``: Ray Train workers sharing the machine's cores (1 worker gets them all as intra-op threads).
+    """
+    out = WORK / f"speed_{method}_{'fast' if fast else 'fp32'}_w{workers}"
+    cpus = max(1, (os.cpu_count() or 2) // workers)
     sets = [f"data.train_subset={n}", f"backbone.stem_stride={stem_stride}", f"stages.simclr.epochs={epochs}",
             f"stages.simclr.batch_size={batch}", f"stages.simclr.channels_last={str(fast).lower()}",
-            f"stages.simclr.precision={'auto' if fast else 'fp32'}", "stages.simclr.checkpoint_every=1000",
-            f"stages.simclr.method={method}"]
+            f"stages.simclr.precision={'auto' if fast else 'fp32'}", f"stages.simclr.compile={str(fast).lower()}",
+            "stages.simclr.checkpoint_every=1000", f"stages.simclr.method={method}", f"ray.num_workers={workers}",
+            f"ray.resources_per_worker={{CPU: {cpus}}}"]
     if method == "moco":
         sets += ["stages.simclr.settings.memory_bank_size=4096", "stages.simclr.settings.momentum=0.99",
                  "stages.simclr.settings.symmetric=false"]
@@ -207,9 +215,13 @@ def main() -> None:
     epochs = 2
     ray_fp32 = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=False)
     ray_fast = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=True)
+    ray1_fp32 = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=False, workers=1)
+    ray1_fast = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=True, workers=1)
     rows += [
         ("sslpipe SimCLR stage, Ray Train 2 workers, fp32", ray_fp32),
         ("sslpipe SimCLR stage, Ray Train 2 workers, fast option", ray_fast),
+        ("sslpipe SimCLR stage, Ray Train 1 worker (all cores), fp32", ray1_fp32),
+        ("sslpipe SimCLR stage, Ray Train 1 worker (all cores), fast option", ray1_fast),
         ("sslpipe SimCLR method step in-process, fp32", ours_ips),
         ("bare fwd+bwd on ready views, fp32", bare_ips),
         ("sslpipe SimCLR method step in-process, channels_last", ours_cl),
@@ -227,8 +239,10 @@ def main() -> None:
         "|---|---|",
     ] + [f"| {name} | {ips:.1f} |" for name, ips in rows] + [
         "",
-        f"- ours (Ray, fp32) / lightly loop: **{ray_fp32 / lightly_ips:.2f}x**",
-        f"- ours (Ray, fast option) / lightly loop: **{ray_fast / lightly_ips:.2f}x**",
+        f"- ours (Ray, fp32) / lightly loop: **{ray_fp32 / lightly_ips:.2f}x** with 2 workers, "
+        f"**{ray1_fp32 / lightly_ips:.2f}x** with 1 worker",
+        f"- ours (Ray, fast option: channels_last + compile + native bf16 if any) / lightly loop: "
+        f"**{ray_fast / lightly_ips:.2f}x** with 2 workers, **{ray1_fast / lightly_ips:.2f}x** with 1 worker",
         f"- our step time / bare fwd+bwd step time: **{bare_ips / ours_ips:.3f}x** (fp32), "
         f"**{bare_cl / ours_cl:.3f}x** (channels_last)",
         "",
@@ -245,6 +259,8 @@ def moco_main(args) -> None:
     lightly_ips = lightly_moco_loop(data, args.batch, args.steps, args.stem_stride)
     ours = ray_stage(len(data), args.batch, 2, args.stem_stride, fast=False, method="moco")
     ours_fast = ray_stage(len(data), args.batch, 2, args.stem_stride, fast=True, method="moco")
+    ours1 = ray_stage(len(data), args.batch, 2, args.stem_stride, fast=False, method="moco", workers=1)
+    ours1_fast = ray_stage(len(data), args.batch, 2, args.stem_stride, fast=True, method="moco", workers=1)
     text = "\n".join([
         "## MoCo training speed (bench/speed.py --method moco)",
         "",
@@ -257,8 +273,12 @@ def moco_main(args) -> None:
         f"| lightly MoCo v2 example loop (PIL + DataLoader), fp32 | {lightly_ips:.1f} |",
         f"| sslpipe MoCo v2 stage, Ray Train 2 workers, fp32 | {ours:.1f} |",
         f"| sslpipe MoCo v2 stage, Ray Train 2 workers, fast option | {ours_fast:.1f} |",
+        f"| sslpipe MoCo v2 stage, Ray Train 1 worker (all cores), fp32 | {ours1:.1f} |",
+        f"| sslpipe MoCo v2 stage, Ray Train 1 worker (all cores), fast option | {ours1_fast:.1f} |",
         "",
-        f"- ours / lightly loop: **{ours / lightly_ips:.2f}x** (fp32), **{ours_fast / lightly_ips:.2f}x** (fast option). "
+        f"- ours / lightly loop, 2 workers: **{ours / lightly_ips:.2f}x** (fp32), **{ours_fast / lightly_ips:.2f}x** "
+        f"(fast option: channels_last + compile + native bf16 if any); 1 worker: **{ours1 / lightly_ips:.2f}x** (fp32), "
+        f"**{ours1_fast / lightly_ips:.2f}x** (fast option). "
         "Both one-sided (`symmetric: false`, as lightly's example); our default symmetric loss does twice the "
         "encoder passes per image.",
         "",

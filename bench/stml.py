@@ -7,15 +7,19 @@ Usage: python bench/stml.py [--reuse] [--set KEY=VALUE ...]     (writes a sectio
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.pretext import run  # noqa: E402
+import yaml  # noqa: E402
+
+from bench.pretext import WORK, run  # noqa: E402
 from bench.speed import machine, write_section  # noqa: E402
 
+WORK_DIR = WORK / "pretext_fmnist_stml"
 KEYS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "nmi")
 
 
@@ -26,15 +30,23 @@ def main() -> None:
     args = parser.parse_args()
     summary = run("fmnist_stml", args.reuse, args.overrides)
     stages = summary["stages"]
+    config = yaml.safe_load((WORK_DIR / "config.resolved.yaml").read_text())
+    data = config["data"]
+    simclr, stml = (next(s for s in config["stages"] if s["name"] == n) for n in ("simclr", "stml"))
+    stml_settings = {k: v for k, v in stml["settings"].items() if k != "augment"}
+    stml_settings["augment.min_scale"] = stml["settings"]["augment"]["min_scale"]
     rows = [("raw pixels", stages["pixels"]["metrics"]), ("SimCLR (input backbone)", stages["eval_simclr"]["metrics"]),
             ("SimCLR + STML (refined)", stages["eval_stml"]["metrics"])]
     lines = [
         "## STML on unseen classes (bench/stml.py)",
         "",
         f"Machine: {machine()}.",
-        "Command: `python bench/stml.py` (configs/fmnist_stml.yaml): SimCLR then STML on 6000 unlabeled "
-        "Fashion-MNIST training images of classes 0-4; evaluation on 2000 test images of classes 5-9 "
-        "(leave-one-out retrieval, cosine; NMI of k-means with k=5). resnet18, small stem stride 2, 28 px.",
+        f"Command: `python bench/stml.py` (configs/fmnist_stml.yaml{''.join(' --set ' + o for o in args.overrides)}): "
+        f"SimCLR ({simclr['epochs']} epochs) then STML ({stml['epochs']} epochs, batch {stml['batch_size']}, lr "
+        f"{stml['optimizer']['lr']:g}, settings {json.dumps(stml_settings)}) on {data['train_subset']} unlabeled "
+        f"Fashion-MNIST training images of classes 0-4; evaluation on {data['eval_subset']} test images of classes "
+        "5-9, never seen in training (leave-one-out retrieval, cosine; NMI of k-means with k=5). resnet18, small "
+        "stem stride 2, 28 px, 2 Ray Train workers.",
         "",
         "| features | " + " | ".join(KEYS) + " |",
         "|---|" + "---|" * len(KEYS),

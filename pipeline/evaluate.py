@@ -171,7 +171,8 @@ def evaluate(
     else:
         k = stage["clusters"] or (len(np.unique(evalset.labels)) if evalset.labels is not None else 10)
         k = min(k, len(eval_x))
-        km = kmeans(feats, k, niter=stage["kmeans_iterations"], seed=seed, spherical=spherical)
+        km = kmeans(feats, k, niter=stage["kmeans_iterations"], nredo=stage.get("kmeans_restarts", 1), seed=seed,
+                    spherical=spherical)
     metrics["kmeans_time_s"] = time.time() - t0
     metrics["kmeans_inertia"] = float(km.inertia)
     metrics["clusters"] = float(k)

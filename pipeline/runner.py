@@ -35,6 +35,11 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+# Stage keys that change how a stage runs, not what it computes: left out of the cache fingerprint, so
+# turning them on reuses finished stages (and adding them did not invalidate earlier caches).
+EXECUTION_ONLY_KEYS = ("compile",)
+
+
 def fingerprint(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -411,7 +416,8 @@ class PipelineRun:
         upstream = self.fingerprints.get(inp, inp) if inp else None
         if inp in self.fingerprints and upstream is None:
             return None
-        parts: list[Any] = [stage.model_dump(mode="json"), self.config.backbone.model_dump(mode="json"),
+        parts: list[Any] = [stage.model_dump(mode="json", exclude=set(EXECUTION_ONLY_KEYS)),
+                            self.config.backbone.model_dump(mode="json"),
                             self.config.seed, self.data_fingerprint, upstream]
         if self._uses_evalset(stage):
             parts.append(self.eval_fingerprint)

@@ -161,6 +161,10 @@ class STMLSettings(MethodSettings):
     views: int = Field(2, ge=1, le=8, description="augmented views per image; k' = num_neighbors * views")
     rc_weight: float = Field(1.0, ge=0.0, description="weight of the relaxed contrastive term (paper: 1)")
     kl_weight: float = Field(1.0, ge=0.0, description="weight of the self-distillation KL term (paper: 1)")
+    normalize_embedding: bool = Field(
+        False, description="L2-normalize the exported f; off: f as trained (unnormalized), compared by Euclidean "
+        "distance as in the authors' evaluation (set retrieval_distance: euclidean on its evaluate stage)",
+    )
     augment: STMLAugmentSettings = STMLAugmentSettings()
 
     @model_validator(mode="after")

@@ -349,8 +349,9 @@ class STML(Method):
         _ema_buffers(self.backbone, self.teacher_backbone, m)
         _ema_buffers(self.g, self.teacher_g, m)
 
-    def embedder(self, head: Literal["f", "g"] = "f", *, copy_modules: bool = True) -> STMLEmbedder:
-        """The embedding network to export: backbone + GAP/GMP + head f, L2-normalized.
+    def embedder(self, head: Literal["f", "g"] = "f", *, copy_modules: bool = True,
+                 normalize: bool = True) -> STMLEmbedder:
+        """The embedding network: backbone + GAP/GMP + head f, L2-normalized unless ``normalize=False``.
 
         ``copy_modules`` (default) returns an independent copy in eval mode, safe to save; without it
         the modules are shared with the method (for embedding the training set during training).
@@ -360,14 +361,15 @@ class STML(Method):
             raise ValueError(f"head must be 'f' or 'g', got {head!r}")
         backbone, linear = self.backbone, (self.f if head == "f" else self.g)
         if copy_modules:
-            return STMLEmbedder(copy.deepcopy(backbone), copy.deepcopy(linear)).eval()
-        shared = STMLEmbedder(backbone, linear)
+            return STMLEmbedder(copy.deepcopy(backbone), copy.deepcopy(linear), normalize=normalize).eval()
+        shared = STMLEmbedder(backbone, linear, normalize=normalize)
         shared.training = self.training  # so that toggling eval/train on it restores the method's mode
         return shared
 
     def artifact_extras(self) -> dict[str, Any]:
         s: STMLSettings = self.settings
-        return {"stml": {"embedding_dim": s.embedding_dim, "pooling": "gap+gmp", "head": "f", "l2_normalized": True}}
+        return {"stml": {"embedding_dim": s.embedding_dim, "pooling": "gap+gmp", "head": "f",
+                         "l2_normalized": bool(s.normalize_embedding)}}
 
     # -- pipeline hooks --------------------------------------------------------------------------
     def epoch_batches(
@@ -391,15 +393,19 @@ class STML(Method):
                                  rank=rank, world_size=world_size, num_queries=num_queries)
 
     def export_module(self) -> tuple[nn.Module, dict[str, Any]]:
-        """The retrieval embedder (backbone + GAP/GMP + f, L2-normalized), sharing the method's modules.
+        """The retrieval embedder (backbone + GAP/GMP + f), sharing the method's modules.
+
+        f is exported as trained -- not L2-normalized, compared by Euclidean distance, as the authors
+        evaluate it -- unless ``normalize_embedding`` is set.
 
         Its state dict holds ``backbone.*`` and ``head.*``; :func:`rebuild_exported` makes the empty module
         back from a timm backbone and these facts.
         """
         s: STMLSettings = self.settings
+        normalize = bool(s.normalize_embedding)
         meta = {"export": EXPORT_KIND, "embedding_dim": int(s.embedding_dim), "pooling": "gap+gmp",
-                "l2_normalize": True}
-        return self.embedder("f", copy_modules=False), meta
+                "l2_normalize": normalize}
+        return self.embedder("f", copy_modules=False, normalize=normalize), meta
 
 
 # -- neighbourhood batches -------------------------------------------------------------------------

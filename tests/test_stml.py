@@ -400,4 +400,8 @@ def test_export_module_round_trips():
     rebuilt.load_state_dict(state, strict=True)
     x = torch.rand(3, 3, 12, 12)
     model.eval()
-    assert torch.allclose(rebuilt.eval()(x), model.embedder()(x), atol=1e-6)
+    assert torch.allclose(rebuilt.eval()(x), model.embedder(normalize=False)(x), atol=1e-6)
+    # f is exported as trained (unnormalized) unless normalize_embedding is set
+    assert meta["l2_normalize"] is False and not torch.allclose(rebuilt(x).norm(dim=1), torch.ones(3))
+    module, meta = tiny_stml(normalize_embedding=True).export_module()
+    assert meta["l2_normalize"] is True and torch.allclose(module.eval()(x).norm(dim=1), torch.ones(3), atol=1e-5)
