@@ -104,7 +104,7 @@ class PretextStage(StageBase):
     channels_last: bool = False
     compile: bool = Field(
         False, description="torch.compile the backbone (Module.compile: same weights and state-dict keys); "
-        "pays a one-off compile (~1-2 min) for faster steps, also on CPUs without native bf16",
+        "a one-off compile of 1-2 min that pays only on long runs: measure it (bench/speed.py)",
     )
     checkpoint_every: int = Field(1, ge=1)
     log_every_steps: int = Field(20, ge=1)
