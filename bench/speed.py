@@ -71,6 +71,14 @@ def _pil_loader(data: np.ndarray, transform, batch: int):
                                        persistent_workers=True)
 
 
+def throughput(batch: int, step_times: list[float]) -> float:
+    """Images/s over all timed steps (total images / total time), the statistic of our Ray rows' epoch mean.
+
+    Why not the median step: a DataLoader stall is part of a loop's speed; the median would hide it.
+    """
+    return batch * len(step_times) / float(np.sum(step_times))
+
+
 def lightly_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> float:
     """lightly's SimCLR example, unchanged in substance: PIL dataset -> SimCLRTransform -> DataLoader."""
     from lightly.loss import NTXentLoss
@@ -95,7 +103,7 @@ def lightly_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> 
         optimizer.step()
         if step > 0:  # the first step pays for worker start-up
             times.append(time.perf_counter() - t0)
-    return batch / float(np.median(times))
+    return throughput(batch, times)
 
 
 def lightly_moco_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> float:
@@ -130,7 +138,7 @@ def lightly_moco_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int
         optimizer.step()
         if step > 0:
             times.append(time.perf_counter() - t0)
-    return batch / float(np.median(times))
+    return throughput(batch, times)
 
 
 def method_steps(data: np.ndarray, batch: int, steps: int, stem_stride: int, channels_last: bool) -> tuple[float, float]:
@@ -172,7 +180,7 @@ def ray_stage(n: int, batch: int, epochs: int, stem_stride: int, fast: bool, met
     """Our pretext stage through `sslpipe run` under Ray Train; images/s of the last epoch.
 
     ``fast``: channels_last, ``compile: true`` and ``precision: auto`` (bf16 only where it is native). The
-    last epoch's mean excludes the one-off compile, as the lightly loop's median excludes its start-up.
+    last epoch's mean excludes the one-off compile, as the lightly loop's timing excludes its start-up step.
     ``workers``: Ray Train workers sharing the machine's cores (1 worker gets them all as intra-op threads).
     """
     out = WORK / f"speed_{method}_{'fast' if fast else 'fp32'}_w{workers}"
@@ -233,7 +241,8 @@ def main() -> None:
         f"Machine: {machine()}.",
         f"Command: `python bench/speed.py --steps {args.steps} --batch {args.batch} --stem-stride {args.stem_stride}`; "
         f"resnet18 (small stem, stride {args.stem_stride}), 32 px, batch {args.batch} images (2 views each), Fashion-MNIST, "
-        "images/s = images (not views) per second, median step (Ray rows: the last epoch's mean).",
+        "images/s = images (not views) per second: lightly rows over all steps after the first (which starts "
+        "the DataLoader workers), Ray rows over their last epoch, in-process rows the median step.",
         "",
         "| loop | images/s |",
         "|---|---|",

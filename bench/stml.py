@@ -49,7 +49,8 @@ def main() -> None:
         f"{stml['optimizer']['lr']:g}, settings {json.dumps(stml_settings)}) on {data['train_subset']} unlabeled "
         f"Fashion-MNIST training images of classes 0-4; evaluation on {data['eval_subset']} test images of classes "
         "5-9, never seen in training: leave-one-out retrieval with the distance named in the row; NMI of k-means "
-        "(k=5, L2-normalized features, best of 10 runs). resnet18, small stem stride 2, 28 px, 2 Ray Train workers.",
+        f"(k=5, L2-normalized features, best of 10 runs). resnet18, small stem stride 2, 28 px, "
+        f"{config['ray']['num_workers']} Ray Train worker(s).",
         "",
         "| features | " + " | ".join(KEYS) + " |",
         "|---|" + "---|" * len(KEYS),
