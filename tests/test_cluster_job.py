@@ -93,6 +93,11 @@ def ray_head(tmp_path):
                            timeout=60, check=True).stdout.strip()
     assert (home / ".ray" / "auth_token").read_text().strip() == token
 
+    def discard(proc):
+        """Clean up a failed start: its daemons and its session files."""
+        kill_group(proc.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
     def start_head():
         port, dashboard, agent_http, agent_grpc, runtime_env, metrics, client, objects, node = free_ports(9)
         proc = subprocess.Popen(
@@ -109,8 +114,7 @@ def ray_head(tmp_path):
         try:
             out, _ = proc.communicate(timeout=180)
         except subprocess.TimeoutExpired:
-            kill_group(proc.pid)
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            discard(proc)
             raise
         return proc, dashboard, out
 
@@ -118,7 +122,7 @@ def ray_head(tmp_path):
     # one retry on fresh ports, after cleaning up the failed attempt.
     start, dashboard, out = start_head()
     if start.returncode != 0:
-        kill_group(start.pid)
+        discard(start)
         start, dashboard, out = start_head()
     pgid = start.pid
     try:
