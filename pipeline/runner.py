@@ -199,7 +199,7 @@ class PipelineRun:
 
             main = threading.current_thread() is threading.main_thread()
             previous = signal.getsignal(signal.SIGTERM) if main else None
-            ray_init(self.config.ray.address)
+            ray_init(self.config.ray.address, local_metrics=self.config.ray.local_metrics)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)  # ray.init installs one that exits without cleanup
             self._ray_started = True

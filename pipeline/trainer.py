@@ -518,8 +518,17 @@ def _cluster_runtime_env(address: str) -> dict[str, Any] | None:
     return {"env_vars": {"RAY_ADDRESS": address}}
 
 
-def ray_init(address: str | None, *, num_cpus: int | None = None) -> None:
-    """Attach to a cluster (config or RAY_ADDRESS) or start a local Ray; idempotent."""
+# Ray's own metrics pipeline (per-process collectors, event-loop stats); measured on the 2-core AMD EPYC
+# machine, an idle local Ray slowed a training step by 3.5-5% with it, 2-2.7% without (bench/RESULTS.md).
+LEAN_LOCAL_RAY = {"enable_metrics_collection": False, "event_stats": False, "metrics_report_interval_ms": 600_000}
+
+
+def ray_init(address: str | None, *, num_cpus: int | None = None, local_metrics: bool = False) -> None:
+    """Attach to a cluster (config or RAY_ADDRESS) or start a local Ray; idempotent.
+
+    A local Ray leaves out its metrics collectors unless ``local_metrics``: on a small machine they take
+    cycles from training, and nothing reads them without a Prometheus server.
+    """
     import ray
 
     # Worker prints go straight to stdout (Ray forwards them once); Train's print patch would double them.
@@ -532,4 +541,6 @@ def ray_init(address: str | None, *, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=_cluster_runtime_env(address), **kwargs)
     else:
         # The dashboard serves the state API that Ray Train's controller polls; without it Train logs warnings.
+        if not local_metrics:
+            kwargs["_system_config"] = LEAN_LOCAL_RAY
         ray.init(num_cpus=num_cpus, include_dashboard=True, **kwargs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,9 +16,9 @@ def ray_session():
     """A local Ray with room for two Train workers plus the controller, shared by the whole session."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
+    from pipeline.trainer import ray_init
+
+    ray_init(None, num_cpus=2)  # the pipeline's own local start (lean: no metrics collectors)
     yield ray
     ray.shutdown()
 

@@ -81,3 +81,21 @@ def test_compile_option_compiles_the_backbone_in_place():
     # checkpoints and artifacts keep their keys (no `_orig_mod.` prefix), so a compiled run resumes and
     # exports like a plain one; compiling itself is lazy (first forward) and left to the pipeline tests' cost
     assert list(compiled.state_dict()) == list(plain.state_dict())
+
+
+@pytest.mark.parametrize("local_metrics", [False, True])
+def test_a_local_ray_leaves_out_its_metrics_collectors_unless_asked(monkeypatch, local_metrics):
+    """On a small machine Ray's metrics agents take cycles from training; a cluster keeps its own setting."""
+    import ray
+
+    from pipeline.trainer import LEAN_LOCAL_RAY, ray_init
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_init(None, num_cpus=2, local_metrics=local_metrics)
+    assert calls[-1].get("_system_config") == (None if local_metrics else LEAN_LOCAL_RAY)
+    assert LEAN_LOCAL_RAY["enable_metrics_collection"] is False
+    ray_init("10.0.0.5:6379", local_metrics=False)
+    assert calls[-1]["address"] == "10.0.0.5:6379" and "_system_config" not in calls[-1]
