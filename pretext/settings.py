@@ -161,6 +161,11 @@ class STMLSettings(MethodSettings):
     views: int = Field(2, ge=1, le=8, description="augmented views per image; k' = num_neighbors * views")
     rc_weight: float = Field(1.0, ge=0.0, description="weight of the relaxed contrastive term (paper: 1)")
     kl_weight: float = Field(1.0, ge=0.0, description="weight of the self-distillation KL term (paper: 1)")
+    bn_freeze: bool = Field(
+        False, description="keep the student backbone's BatchNorm layers frozen (running statistics and affine "
+        "parameters), the authors' --bn_freeze: a neighbourhood batch holds near-duplicates, so its batch "
+        "statistics would pull BN away from the pretrained ones",
+    )
     normalize_embedding: bool = Field(
         False, description="L2-normalize the exported f; off: f as trained (unnormalized), compared by Euclidean "
         "distance as in the authors' evaluation (set retrieval_distance: euclidean on its evaluate stage)",

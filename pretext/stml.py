@@ -268,6 +268,10 @@ def _ema_buffers(student: nn.Module, teacher: nn.Module, m: float) -> None:
             b_t.copy_(b_s)
 
 
+def _batch_norms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def _first_conv_channels(module: nn.Module) -> int | None:
     for layer in module.modules():
         if isinstance(layer, nn.Conv2d):
@@ -293,6 +297,9 @@ class STML(Method):
         self.augment = SimCLRAugment(input_size=self.input_size, **s.augment.model_dump())
         self.f = _orthogonal_linear(self.feature_dim, s.embedding_dim)
         self.g = _orthogonal_linear(self.feature_dim, s.big_embedding_dim)
+        if s.bn_freeze:
+            for norm in _batch_norms(self.backbone):
+                norm.requires_grad_(False)
         # The teacher starts as an exact copy (also of a backbone loaded from an earlier stage).
         self.teacher_backbone = copy.deepcopy(self.backbone)
         self.teacher_g = copy.deepcopy(self.g)
@@ -302,8 +309,12 @@ class STML(Method):
         self.teacher_g.eval()
 
     def train(self, mode: bool = True) -> "STML":
-        """The teacher always runs in eval mode (EMA'd BN statistics), as in the authors' code."""
+        """The teacher always runs in eval mode (EMA'd BN statistics), as in the authors' code; with
+        ``bn_freeze`` so do the student backbone's BatchNorm layers."""
         super().train(mode)
+        if self.settings.bn_freeze:
+            for norm in _batch_norms(self.backbone):
+                norm.eval()
         self.teacher_backbone.eval()
         self.teacher_g.eval()
         return self

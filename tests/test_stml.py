@@ -298,6 +298,36 @@ def test_teacher_follows_the_ema_rule_and_stays_in_eval_mode():
         assert torch.allclose(value, 0.9 * teacher_g_before[key] + 0.1 * model.g.state_dict()[key], atol=1e-6)
 
 
+@pytest.mark.parametrize("bn_freeze", [False, True])
+def test_bn_freeze_keeps_the_student_batchnorm_as_loaded(bn_freeze):
+    torch.manual_seed(0)
+    model = tiny_stml(bn_freeze=bn_freeze)
+    norm = model.backbone.body[1]
+    conv = model.backbone.body[0]
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    conv_before = conv.weight.detach().clone()
+    optimizer = torch.optim.SGD([p for g in model.parameter_groups(0.0) for p in g["params"]], lr=0.1)
+    model.train()
+    model.augment = FixedViews()
+    for _ in range(2):
+        loss = model(torch.rand(6, 3, 12, 12))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.after_optimizer_step(0.5)
+    # Sampling each epoch switches the method to eval and back; the frozen layers must stay frozen.
+    model.epoch_batches(np.random.randint(0, 255, (8, 3, 12, 12), dtype=np.uint8), epoch=0, rank=0, world_size=1,
+                        batch_size=4, seed=0)
+    assert model.training and norm.training is not bn_freeze
+    assert not torch.equal(conv.weight, conv_before)  # the rest of the backbone trains either way
+    moved = [k for k, v in norm.state_dict().items() if not torch.equal(v, before[k])]
+    if bn_freeze:
+        assert moved == []
+        assert not any(p.requires_grad for p in norm.parameters())
+    else:
+        assert {"weight", "bias", "running_mean", "running_var"} <= set(moved)
+
+
 def test_loss_drops_with_fixed_teacher():
     from pipeline.backbones import build_backbone
 
