@@ -50,7 +50,7 @@ def run_sweep(quick: bool, reuse: bool, overrides: list[str]) -> dict:
         data = quick_config(data)
     config = WORK / f"{name}.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False))
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir", str(out), "--force"]
     for s in overrides:
         cmd += ["--set", s]
     start = time.time()

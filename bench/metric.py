@@ -98,7 +98,7 @@ def main() -> None:
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     if not (args.reuse and (out / "summary.json").exists()):
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config_path), "--output-dir", str(out)]
+        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config_path), "--output-dir", str(out), "--force"]
         for s in args.overrides:
             cmd += ["--set", s]
         start = time.time()

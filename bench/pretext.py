@@ -26,7 +26,8 @@ from bench.speed import machine, write_section  # noqa: E402
 def run(config: str, reuse: bool, overrides: list[str]) -> dict:
     out = WORK / f"pretext_{config}"
     if not (reuse and (out / "summary.json").exists()):
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / f"{config}.yaml"), "--output-dir", str(out)]
+        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / f"{config}.yaml"), "--output-dir", str(out),
+               "--force"]  # without --reuse, train again: the stage cache does not see code changes
         for s in overrides:
             cmd += ["--set", s]
         start = time.time()

@@ -28,7 +28,8 @@ def run(config: str, reuse: bool, extra: list[str]) -> tuple[dict, float]:
     if reuse and summary_path.exists():
         summary = json.loads(summary_path.read_text())
         return summary, float(summary.get("wall_time_s", 0.0))
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / f"{config}.yaml"), "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / f"{config}.yaml"), "--output-dir", str(out),
+           "--force"]  # without --reuse, train again: the stage cache does not see code changes
     for s in extra:
         cmd += ["--set", s]
     start = time.time()

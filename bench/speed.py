@@ -193,7 +193,8 @@ def ray_stage(n: int, batch: int, epochs: int, stem_stride: int, fast: bool, met
     if method == "moco":
         sets += ["stages.simclr.settings.memory_bank_size=4096", "stages.simclr.settings.momentum=0.99",
                  "stages.simclr.settings.symmetric=false"]
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "bench" / "speed.yaml"), "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "bench" / "speed.yaml"), "--output-dir", str(out),
+           "--force"]  # measure: never take a cached stage from an earlier run
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
