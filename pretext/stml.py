@@ -25,7 +25,8 @@ Where the paper leaves room, this module follows the authors' code (github.com/t
 - The KL term is KL(softmax(-d^g_i) || softmax(-d^f_i)) with temperature 1, over full rows (the
   diagonal, distance 0, included), summed over rows and divided by B; the g side is detached.
 - The total is (RC(f) + RC(g)) / 2 + KL (``rc_weight`` and ``kl_weight``, both 1, scale the two terms).
-- Pooling is global average + global max pooling, summed; heads are linear with orthogonal init and
+- Pooling is global average + global max pooling, summed (``pooling: gap`` keeps the average alone, for
+  small images whose last feature map is 2x2); heads are linear with orthogonal init and
   zero bias. The teacher runs in eval mode, and its BN buffers follow the student's by the same EMA as
   its weights (the authors' ``Momentum_Update`` over the state dict).
 - The EMA uses the post-step student weights (our ``after_optimizer_step`` contract; the authors update
@@ -75,18 +76,23 @@ __all__ = [
 
 # -- embedding network ----------------------------------------------------------------------------
 
-def pooled_features(backbone: nn.Module, x: Tensor) -> Tensor:
-    """GAP + GMP (summed) of the backbone's last feature map, (B, C); STML's pooling, not timm's own.
+POOLINGS = ("gap+gmp", "gap")
+
+
+def pooled_features(backbone: nn.Module, x: Tensor, pooling: str = "gap+gmp") -> Tensor:
+    """GAP + GMP (summed; the authors') or GAP alone of the backbone's last feature map, (B, C); not timm's pooling.
 
     Uses ``backbone.forward_features`` (timm) when there is one: (B, C, h, w) maps are pooled over space,
     (B, T, C) token sequences over tokens; a backbone without it must return pooled (B, C) features.
     """
     forward_features = getattr(backbone, "forward_features", None)
     feats = forward_features(x) if callable(forward_features) else backbone(x)
-    if feats.dim() == 4:
-        return feats.mean(dim=(2, 3)) + feats.amax(dim=(2, 3))
-    if feats.dim() == 3:
-        return feats.mean(dim=1) + feats.amax(dim=1)
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if feats.dim() in (3, 4):
+        dims = (2, 3) if feats.dim() == 4 else (1,)
+        pooled = feats.mean(dim=dims)
+        return pooled + feats.amax(dim=dims) if pooling == "gap+gmp" else pooled
     if feats.dim() == 2:
         return feats
     raise ValueError(f"cannot pool backbone features of shape {tuple(feats.shape)}")
@@ -101,21 +107,23 @@ def _orthogonal_linear(in_dim: int, out_dim: int) -> nn.Linear:
 
 
 class STMLEmbedder(nn.Module):
-    """Backbone -> GAP+GMP -> linear head -> L2 normalization: STML's retrieval/clustering embedding.
+    """Backbone -> pooling (GAP+GMP or GAP) -> linear head -> L2 normalization: STML's retrieval embedding.
 
     Takes the same input as the backbone (normalized by the method's mean/std, as evaluation prepares
     it), so it drops in wherever a backbone artifact is embedded; ``num_features`` is the output width.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear, *, normalize: bool = True) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Linear, *, normalize: bool = True,
+                 pooling: str = "gap+gmp") -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.normalize_output = bool(normalize)
+        self.pooling = pooling
         self.num_features = int(head.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        z = self.head(pooled_features(self.backbone, x)).float()
+        z = self.head(pooled_features(self.backbone, x, self.pooling)).float()
         return F.normalize(z, dim=1) if self.normalize_output else z
 
 
@@ -125,12 +133,13 @@ EXPORT_KIND = "stml_embedder"
 def rebuild_exported(backbone: nn.Module, meta: dict[str, Any]) -> STMLEmbedder:
     """The module of an STML artifact around a freshly built backbone; load the artifact's state dict into it.
 
-    ``meta`` is the artifact metadata: ``feature_dim`` (the backbone's) and ``embedding_dim``.
+    ``meta`` is the artifact metadata: ``feature_dim`` (the backbone's), ``embedding_dim`` and ``pooling``.
     """
     if meta.get("export") != EXPORT_KIND:
         raise ValueError(f"not an STML export: export={meta.get('export')!r}")
     head = nn.Linear(int(meta["feature_dim"]), int(meta["embedding_dim"]))
-    return STMLEmbedder(backbone, head, normalize=bool(meta.get("l2_normalize", True)))
+    return STMLEmbedder(backbone, head, normalize=bool(meta.get("l2_normalize", True)),
+                        pooling=str(meta.get("pooling", "gap+gmp")))
 
 
 # -- pseudo labels ---------------------------------------------------------------------------------
@@ -322,13 +331,14 @@ class STML(Method):
     # -- pieces ----------------------------------------------------------------------------------
     def student_embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(f, g) student embeddings of a normalized batch, not L2-normalized (as the authors train)."""
-        feats = pooled_features(self.backbone, x)
+        feats = pooled_features(self.backbone, x, self.settings.pooling)
         return self.f(feats), self.g(feats)
 
     @torch.no_grad()
     def teacher_embed(self, x: Tensor) -> Tensor:
         """L2-normalized teacher g embeddings (float32) of a normalized batch."""
-        return F.normalize(self.teacher_g(pooled_features(self.teacher_backbone, x)).float(), dim=1)
+        feats = pooled_features(self.teacher_backbone, x, self.settings.pooling)
+        return F.normalize(self.teacher_g(feats).float(), dim=1)
 
     def make_views(self, images: Tensor) -> Tensor:
         """``views`` augmented copies, view-major (row v * B + i is view v of image i), normalized."""
@@ -362,7 +372,7 @@ class STML(Method):
 
     def embedder(self, head: Literal["f", "g"] = "f", *, copy_modules: bool = True,
                  normalize: bool = True) -> STMLEmbedder:
-        """The embedding network: backbone + GAP/GMP + head f, L2-normalized unless ``normalize=False``.
+        """The embedding network: backbone + pooling + head f, L2-normalized unless ``normalize=False``.
 
         ``copy_modules`` (default) returns an independent copy in eval mode, safe to save; without it
         the modules are shared with the method (for embedding the training set during training).
@@ -372,14 +382,15 @@ class STML(Method):
             raise ValueError(f"head must be 'f' or 'g', got {head!r}")
         backbone, linear = self.backbone, (self.f if head == "f" else self.g)
         if copy_modules:
-            return STMLEmbedder(copy.deepcopy(backbone), copy.deepcopy(linear), normalize=normalize).eval()
-        shared = STMLEmbedder(backbone, linear, normalize=normalize)
+            return STMLEmbedder(copy.deepcopy(backbone), copy.deepcopy(linear), normalize=normalize,
+                                pooling=self.settings.pooling).eval()
+        shared = STMLEmbedder(backbone, linear, normalize=normalize, pooling=self.settings.pooling)
         shared.training = self.training  # so that toggling eval/train on it restores the method's mode
         return shared
 
     def artifact_extras(self) -> dict[str, Any]:
         s: STMLSettings = self.settings
-        return {"stml": {"embedding_dim": s.embedding_dim, "pooling": "gap+gmp", "head": "f",
+        return {"stml": {"embedding_dim": s.embedding_dim, "pooling": s.pooling, "head": "f",
                          "l2_normalized": bool(s.normalize_embedding)}}
 
     # -- pipeline hooks --------------------------------------------------------------------------
@@ -404,7 +415,7 @@ class STML(Method):
                                  rank=rank, world_size=world_size, num_queries=num_queries)
 
     def export_module(self) -> tuple[nn.Module, dict[str, Any]]:
-        """The retrieval embedder (backbone + GAP/GMP + f), sharing the method's modules.
+        """The retrieval embedder (backbone + pooling + f), sharing the method's modules.
 
         f is exported as trained -- not L2-normalized, compared by Euclidean distance, as the authors
         evaluate it -- unless ``normalize_embedding`` is set.
@@ -414,7 +425,7 @@ class STML(Method):
         """
         s: STMLSettings = self.settings
         normalize = bool(s.normalize_embedding)
-        meta = {"export": EXPORT_KIND, "embedding_dim": int(s.embedding_dim), "pooling": "gap+gmp",
+        meta = {"export": EXPORT_KIND, "embedding_dim": int(s.embedding_dim), "pooling": s.pooling,
                 "l2_normalize": normalize}
         return self.embedder("f", copy_modules=False, normalize=normalize), meta
 

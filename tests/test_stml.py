@@ -435,3 +435,27 @@ def test_export_module_round_trips():
     assert meta["l2_normalize"] is False and not torch.allclose(rebuilt(x).norm(dim=1), torch.ones(3))
     module, meta = tiny_stml(normalize_embedding=True).export_module()
     assert meta["l2_normalize"] is True and torch.allclose(module.eval()(x).norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_average_pooling_option_reaches_training_and_the_exported_embedder():
+    torch.manual_seed(0)
+    model = tiny_stml(pooling="gap")
+    x = torch.rand(3, 3, 12, 12)
+    model.eval()
+    maps = model.backbone.forward_features(x)
+    f, g = model.student_embed(x)
+    assert torch.allclose(f, model.f(maps.mean(dim=(2, 3))), atol=1e-6)
+    assert torch.allclose(model.teacher_embed(x), torch.nn.functional.normalize(model.teacher_g(
+        model.teacher_backbone.forward_features(x).mean(dim=(2, 3))), dim=1), atol=1e-6)
+    module, meta = model.export_module()
+    assert meta["pooling"] == "gap"
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    rebuilt = rebuild_exported(TinyNet(), {**meta, "feature_dim": 8})
+    rebuilt.load_state_dict(state, strict=True)
+    assert torch.allclose(rebuilt.eval()(x), f, atol=1e-6)
+    # The authors' pooling (the default) adds the max: a different embedding from the same weights.
+    authors = rebuild_exported(TinyNet(), {**meta, "feature_dim": 8, "pooling": "gap+gmp"})
+    authors.load_state_dict(state, strict=True)
+    assert not torch.allclose(authors.eval()(x), f, atol=1e-3)
+    with pytest.raises(ValueError, match="pooling"):
+        method_settings("stml").model_validate({"pooling": "max"})
