@@ -519,7 +519,7 @@ def _cluster_runtime_env(address: str) -> dict[str, Any] | None:
 
 
 # Ray's own metrics pipeline (per-process collectors, event-loop stats); measured on the 2-core AMD EPYC
-# machine, an idle local Ray slowed a training step by 3.5-5% with it, 2-2.7% without (bench/RESULTS.md).
+# machine, an idle local Ray slowed a training step by 3.6-5.0% with it, 1.9-2.7% without (bench/RESULTS.md).
 LEAN_LOCAL_RAY = {"enable_metrics_collection": False, "event_stats": False, "metrics_report_interval_ms": 600_000}
 
 

@@ -119,6 +119,8 @@ class STMLEmbedder(nn.Module):
         self.backbone = backbone
         self.head = head
         self.normalize_output = bool(normalize)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.pooling = pooling
         self.num_features = int(head.out_features)
 

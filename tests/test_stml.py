@@ -459,3 +459,5 @@ def test_average_pooling_option_reaches_training_and_the_exported_embedder():
     assert not torch.allclose(authors.eval()(x), f, atol=1e-3)
     with pytest.raises(ValueError, match="pooling"):
         method_settings("stml").model_validate({"pooling": "max"})
+    with pytest.raises(ValueError, match="pooling"):
+        rebuild_exported(TinyNet(), {**meta, "feature_dim": 8, "pooling": "max"})
