@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work"
 
-from bench.speed import machine, write_section  # noqa: E402
+from bench.speed import fresh_run_command, machine, write_section  # noqa: E402
 
 CONFIG = ROOT / "configs" / "fmnist_finetune.yaml"
 BACKBONES = (("random", "random init"), ("simclr", "SimCLR"), ("stml", "SimCLR + STML"))
@@ -50,9 +50,7 @@ def run_sweep(quick: bool, reuse: bool, overrides: list[str]) -> dict:
         data = quick_config(data)
     config = WORK / f"{name}.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False))
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir", str(out), "--force"]
-    for s in overrides:
-        cmd += ["--set", s]
+    cmd = fresh_run_command(config, out, overrides)
     start = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
     summary = json.loads((out / "summary.json").read_text())

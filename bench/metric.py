@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work"
 
-from bench.speed import machine, write_section  # noqa: E402
+from bench.speed import fresh_run_command, machine, write_section  # noqa: E402
 
 LOSSES = ("contrastive", "triplet", "margin", "multi_similarity", "quadruplet")
 KEYS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r")
@@ -98,9 +98,7 @@ def main() -> None:
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     if not (args.reuse and (out / "summary.json").exists()):
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config_path), "--output-dir", str(out), "--force"]
-        for s in args.overrides:
-            cmd += ["--set", s]
+        cmd = fresh_run_command(config_path, out, args.overrides)
         start = time.time()
         subprocess.run(cmd, check=True, cwd=ROOT)
         summary = json.loads((out / "summary.json").read_text())

@@ -20,16 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work"
 
-from bench.speed import machine, write_section  # noqa: E402
+from bench.speed import fresh_run_command, machine, write_section  # noqa: E402
 
 
 def run(config: str, reuse: bool, overrides: list[str]) -> dict:
     out = WORK / f"pretext_{config}"
     if not (reuse and (out / "summary.json").exists()):
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / f"{config}.yaml"), "--output-dir", str(out),
-               "--force"]  # without --reuse, train again: the stage cache does not see code changes
-        for s in overrides:
-            cmd += ["--set", s]
+        cmd = fresh_run_command(ROOT / "configs" / f"{config}.yaml", out, overrides)
         start = time.time()
         subprocess.run(cmd, check=True, cwd=ROOT)
         summary = json.loads((out / "summary.json").read_text())

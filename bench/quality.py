@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work"
 
-from bench.speed import machine, write_section  # noqa: E402
+from bench.speed import fresh_run_command, machine, write_section  # noqa: E402
 
 
 def run(config: str, reuse: bool, extra: list[str]) -> tuple[dict, float]:
@@ -28,10 +28,7 @@ def run(config: str, reuse: bool, extra: list[str]) -> tuple[dict, float]:
     if reuse and summary_path.exists():
         summary = json.loads(summary_path.read_text())
         return summary, float(summary.get("wall_time_s", 0.0))
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "configs" / f"{config}.yaml"), "--output-dir", str(out),
-           "--force"]  # without --reuse, train again: the stage cache does not see code changes
-    for s in extra:
-        cmd += ["--set", s]
+    cmd = fresh_run_command(ROOT / "configs" / f"{config}.yaml", out, extra)
     start = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
     wall = time.time() - start

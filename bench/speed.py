@@ -71,6 +71,18 @@ def _pil_loader(data: np.ndarray, transform, batch: int):
                                        persistent_workers=True)
 
 
+def fresh_run_command(config: Path | str, out: Path, overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """`sslpipe run CONFIG --output-dir OUT --set ...` that trains every stage again (``--force``).
+
+    A benchmark measures the code as it is; the pipeline's stage cache would hand back an earlier run's
+    stage, since its fingerprint covers config and data, not code.
+    """
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir", str(out), "--force"]
+    for s in overrides:
+        cmd += ["--set", s]
+    return cmd
+
+
 def throughput(batch: int, step_times: list[float]) -> float:
     """Images/s over all timed steps (total images / total time), the statistic of our Ray rows' epoch mean.
 
@@ -193,10 +205,7 @@ def ray_stage(n: int, batch: int, epochs: int, stem_stride: int, fast: bool, met
     if method == "moco":
         sets += ["stages.simclr.settings.memory_bank_size=4096", "stages.simclr.settings.momentum=0.99",
                  "stages.simclr.settings.symmetric=false"]
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(ROOT / "bench" / "speed.yaml"), "--output-dir", str(out),
-           "--force"]  # measure: never take a cached stage from an earlier run
-    for s in sets:
-        cmd += ["--set", s]
+    cmd = fresh_run_command(ROOT / "bench" / "speed.yaml", out, sets)
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
     return float(summary["stages"]["simclr"]["metrics"]["images_per_sec"])
