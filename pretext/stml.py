@@ -64,6 +64,7 @@ __all__ = [
     "STMLEmbedder",
     "pooled_features",
     "contextualized_similarity",
+    "pseudo_label_stats",
     "relaxed_contrastive_loss",
     "self_distillation_kl",
     "neighbour_batches",
@@ -225,6 +226,24 @@ def contextualized_similarity(
     return w
 
 
+def pseudo_label_stats(W: Tensor, parts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """How informative a batch's pseudo labels are, without labels (logged every epoch by the trainer).
+
+    - ``pseudo_label_mean`` / ``pseudo_label_std``: of W over the pairs i != j. A small std means flat
+      labels: every pair is pulled and pushed alike, and the student learns little but uniformity (a sigma too
+      large for how close the teacher's unit embeddings lie).
+    - ``reciprocal_fraction``: |R(i)| / k' averaged over i, the share of each k'-nearest set that is reciprocal.
+      Low when the views are so unlike their images that neighbourhoods do not survive augmentation, which
+      leaves W_C near zero.
+    """
+    n = W.shape[0]
+    off_diagonal = W[~torch.eye(n, dtype=torch.bool, device=W.device)]
+    k_prime = parts["knn"].shape[1]
+    reciprocal = parts["reciprocal"].float().sum(dim=1) / k_prime
+    return {"pseudo_label_mean": off_diagonal.mean(), "pseudo_label_std": off_diagonal.std(),
+            "reciprocal_fraction": reciprocal.mean()}
+
+
 # -- losses ----------------------------------------------------------------------------------------
 
 def mean_normalized_distances(emb: Tensor) -> Tensor:
@@ -295,7 +314,7 @@ class STML(Method):
 
     ``training_step(images)`` takes a neighbourhood batch (from :func:`neighbour_batches`; the loss
     does not depend on the order inside it), makes ``views`` augmented views of every image and
-    returns ``{"loss", "loss_rc", "loss_kl"}``.
+    returns ``{"loss", "loss_rc", "loss_kl"}`` and the batch's :func:`pseudo_label_stats`.
     """
 
     name = "stml"
@@ -357,11 +376,12 @@ class STML(Method):
         # Distances, kNN ranks and softmaxes in fp32 even under bf16 autocast.
         with torch.autocast(device_type=x.device.type, enabled=False):
             emb_f, emb_g = emb_f.float(), emb_g.float()
-            W = contextualized_similarity(t, s.num_neighbors, self.views, s.sigma)
+            W, parts = contextualized_similarity(t, s.num_neighbors, self.views, s.sigma, return_parts=True)
             loss_rc = 0.5 * (relaxed_contrastive_loss(emb_f, W, s.delta) + relaxed_contrastive_loss(emb_g, W, s.delta))
             loss_kl = self_distillation_kl(emb_f, emb_g)
             loss = s.rc_weight * loss_rc + s.kl_weight * loss_kl
-        return {"loss": loss, "loss_rc": loss_rc.detach(), "loss_kl": loss_kl.detach()}
+        return {"loss": loss, "loss_rc": loss_rc.detach(), "loss_kl": loss_kl.detach(),
+                **pseudo_label_stats(W, parts)}
 
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:

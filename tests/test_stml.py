@@ -19,6 +19,7 @@ from pretext.stml import (
     neighbour_batches,
     rebuild_exported,
     relaxed_contrastive_loss,
+    pseudo_label_stats,
     self_distillation_kl,
 )
 
@@ -249,12 +250,37 @@ def test_registry_settings_and_embedder():
     assert not torch.equal(embedder.head.weight, model.f.weight)
 
 
+def test_pseudo_label_stats_by_hand_and_from_a_training_step():
+    # Three points, k' = 2: 0 and 1 are mutual neighbours, 2's nearest are itself and 1, but 1 does not rank 2.
+    W = torch.tensor([[1.0, 0.8, 0.2], [0.8, 1.0, 0.4], [0.2, 0.4, 1.0]])
+    parts = {"knn": torch.tensor([[0, 1], [1, 0], [2, 1]]),
+             "reciprocal": torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)}
+    stats = pseudo_label_stats(W, parts)
+    off = torch.tensor([0.8, 0.2, 0.8, 0.4, 0.2, 0.4])
+    assert stats["pseudo_label_mean"].item() == pytest.approx(off.mean().item())
+    assert stats["pseudo_label_std"].item() == pytest.approx(off.std().item())
+    assert stats["reciprocal_fraction"].item() == pytest.approx((2 / 2 + 2 / 2 + 1 / 2) / 3)
+
+    # A training step reports the statistics of the very labels its loss used.
+    torch.manual_seed(0)
+    model = tiny_stml()
+    model.augment = FixedViews()
+    images = torch.rand(6, 3, 12, 12)
+    out = model(images)
+    s = model.settings
+    W, parts = contextualized_similarity(model.teacher_embed(model.make_views(images)), s.num_neighbors, model.views,
+                                         s.sigma, return_parts=True)
+    for key, value in pseudo_label_stats(W, parts).items():
+        assert out[key].item() == pytest.approx(value.item(), abs=1e-6), key
+    assert 0.0 < out["pseudo_label_std"].item() and 0.0 < out["reciprocal_fraction"].item() <= 1.0
+
+
 def test_no_gradient_into_teacher_or_g_through_kl():
     torch.manual_seed(0)
     model = tiny_stml()
     model.augment = FixedViews()
     out = model(torch.rand(6, 3, 12, 12))
-    assert set(out) == {"loss", "loss_rc", "loss_kl"}
+    assert set(out) == {"loss", "loss_rc", "loss_kl", "pseudo_label_mean", "pseudo_label_std", "reciprocal_fraction"}
     out["loss"].backward()
     assert all(p.grad is None for p in model.teacher_backbone.parameters())
     assert all(p.grad is None for p in model.teacher_g.parameters())
