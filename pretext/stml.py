@@ -233,8 +233,9 @@ def pseudo_label_stats(W: Tensor, parts: dict[str, Tensor]) -> dict[str, Tensor]
       labels: every pair is pulled and pushed alike, and the student learns little but uniformity (a sigma too
       large for how close the teacher's unit embeddings lie).
     - ``reciprocal_fraction``: |R(i)| / k' averaged over i, the share of each k'-nearest set that is reciprocal.
-      Low when the views are so unlike their images that neighbourhoods do not survive augmentation, which
-      leaves W_C near zero.
+      i and its other views always are, so the floor is views / k' (0.2 at k = 5, 2 views), not 0. Low when the
+      views are so unlike their images that neighbourhoods do not survive augmentation, which leaves W_C near
+      zero.
     """
     n = W.shape[0]
     off_diagonal = W[~torch.eye(n, dtype=torch.bool, device=W.device)]
