@@ -80,6 +80,11 @@ __all__ = [
 POOLINGS = ("gap+gmp", "gap")
 
 
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
 def pooled_features(backbone: nn.Module, x: Tensor, pooling: str = "gap+gmp") -> Tensor:
     """GAP + GMP (summed; the authors') or GAP alone of the backbone's last feature map, (B, C); not timm's pooling.
 
@@ -88,8 +93,7 @@ def pooled_features(backbone: nn.Module, x: Tensor, pooling: str = "gap+gmp") ->
     """
     forward_features = getattr(backbone, "forward_features", None)
     feats = forward_features(x) if callable(forward_features) else backbone(x)
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    _check_pooling(pooling)
     if feats.dim() in (3, 4):
         dims = (2, 3) if feats.dim() == 4 else (1,)
         pooled = feats.mean(dim=dims)
@@ -120,8 +124,7 @@ class STMLEmbedder(nn.Module):
         self.backbone = backbone
         self.head = head
         self.normalize_output = bool(normalize)
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        _check_pooling(pooling)
         self.pooling = pooling
         self.num_features = int(head.out_features)
 
