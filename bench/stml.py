@@ -31,7 +31,7 @@ def main() -> None:
     summary = run("fmnist_stml", args.reuse, args.overrides)
     stages = summary["stages"]
     config = yaml.safe_load((WORK_DIR / "config.resolved.yaml").read_text())
-    data = config["data"]
+    data, backbone = config["data"], config["backbone"]
     simclr, stml = (next(s for s in config["stages"] if s["name"] == n) for n in ("simclr", "stml"))
     stml_settings = {k: v for k, v in stml["settings"].items() if k != "augment"}
     stml_settings["augment.min_scale"] = stml["settings"]["augment"]["min_scale"]
@@ -49,7 +49,8 @@ def main() -> None:
         f"{stml['optimizer']['lr']:g}, settings {json.dumps(stml_settings)}) on {data['train_subset']} unlabeled "
         f"Fashion-MNIST training images of classes 0-4; evaluation on {data['eval_subset']} test images of classes "
         "5-9, never seen in training: leave-one-out retrieval with the distance named in the row; NMI of k-means "
-        f"(k=5, L2-normalized features, best of 10 runs). resnet18, small stem stride 2, 28 px, "
+        f"(k=5, L2-normalized features, best of 10 runs). {backbone['name']}, small stem stride "
+        f"{backbone['stem_stride']}, {backbone['image_size']} px, "
         f"{config['ray']['num_workers']} Ray Train worker(s).",
         "",
         "| features | " + " | ".join(KEYS) + " |",
@@ -67,7 +68,8 @@ def main() -> None:
         f"against raw pixels: R@1 {refined['recall_at_1'] - stages['pixels']['metrics']['recall_at_1']:+.4f}, "
         f"NMI {refined['nmi'] - stages['pixels']['metrics']['nmi']:+.4f}.",
         f"- Wall time of the STML stage: {stages['stml']['metrics']['stage_time_s']:.0f} s "
-        f"({stages['stml']['metrics'].get('images_per_sec', float('nan')):.1f} images/s in its last epoch).",
+        f"({stages['stml']['metrics'].get('images_per_sec', float('nan')):.1f} images/s in its last epoch); "
+        f"of the SimCLR stage: {stages['simclr']['metrics']['stage_time_s']:.0f} s.",
         "",
     ]
     text = "\n".join(lines)
