@@ -14,10 +14,16 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray with room for two Train workers plus the controller, shared by the whole session."""
+    import os
+
     import ray
 
     from pipeline.trainer import ray_init
 
+    # Ray Train's controller collects each report on a 2 s poll, and a worker's next report waits for it: the
+    # tests' sub-second epochs spent ~1.6 s per report waiting (0.4 s at 0.5 s). Set before Ray starts, so the
+    # controller actors (and subprocess CLIs) inherit it; real epochs last far longer than either interval.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray_init(None, num_cpus=2)  # the pipeline's own local start (lean: no metrics collectors)
     yield ray
     ray.shutdown()
