@@ -85,15 +85,20 @@ def _check_pooling(pooling: str) -> None:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
+def _off_diagonal(n: int, device: torch.device) -> Tensor:
+    """Boolean mask of the pairs i != j of an n x n matrix."""
+    return ~torch.eye(n, dtype=torch.bool, device=device)
+
+
 def pooled_features(backbone: nn.Module, x: Tensor, pooling: str = "gap+gmp") -> Tensor:
     """GAP + GMP (summed; the authors') or GAP alone of the backbone's last feature map, (B, C); not timm's pooling.
 
     Uses ``backbone.forward_features`` (timm) when there is one: (B, C, h, w) maps are pooled over space,
     (B, T, C) token sequences over tokens; a backbone without it must return pooled (B, C) features.
     """
+    _check_pooling(pooling)
     forward_features = getattr(backbone, "forward_features", None)
     feats = forward_features(x) if callable(forward_features) else backbone(x)
-    _check_pooling(pooling)
     if feats.dim() in (3, 4):
         dims = (2, 3) if feats.dim() == 4 else (1,)
         pooled = feats.mean(dim=dims)
@@ -241,7 +246,7 @@ def pseudo_label_stats(W: Tensor, parts: dict[str, Tensor]) -> dict[str, Tensor]
       zero.
     """
     n = W.shape[0]
-    off_diagonal = W[~torch.eye(n, dtype=torch.bool, device=W.device)]
+    off_diagonal = W[_off_diagonal(n, W.device)]
     k_prime = parts["knn"].shape[1]
     reciprocal = parts["reciprocal"].float().sum(dim=1) / k_prime
     return {"pseudo_label_mean": off_diagonal.mean(), "pseudo_label_std": off_diagonal.std(),
@@ -272,7 +277,7 @@ def relaxed_contrastive_loss(emb: Tensor, W: Tensor, delta: float) -> Tensor:
         raise ValueError(f"W must be ({n}, {n}), got {tuple(W.shape)}")
     d = mean_normalized_distances(_at_least_fp32(emb))
     W = W.to(d.dtype)
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=d.device)
+    off_diagonal = _off_diagonal(n, d.device)
     pull = W * d.pow(2)
     push = (1.0 - W) * torch.relu(delta - d).pow(2)
     return (pull + push)[off_diagonal].sum() / (n * (n - 1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,8 +15,6 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray with room for two Train workers plus the controller, shared by the whole session."""
-    import os
-
     import ray
 
     from pipeline.trainer import ray_init

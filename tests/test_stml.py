@@ -17,9 +17,9 @@ from pretext.stml import (
     contextualized_similarity,
     neighbour_batch_count,
     neighbour_batches,
+    pseudo_label_stats,
     rebuild_exported,
     relaxed_contrastive_loss,
-    pseudo_label_stats,
     self_distillation_kl,
 )
 
