@@ -9,6 +9,9 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free" -lt 10 ]; then \
+	    echo "warning: $$free GiB free here; .venv takes about 8 GiB (torch with its CUDA libraries)"; fi
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
 
