@@ -255,6 +255,10 @@ class EvaluateStage(StageBase):
 
     kind: Literal["evaluate"]
     input: str = Field(description="a stage that produced a backbone, 'best', or 'pixels' for the raw-pixel baseline")
+    features: Literal["embedding", "backbone"] = Field(
+        "embedding", description="embedding: what the input artifact embeds with (a refine or metric stage's head "
+        "included); backbone: its backbone's pooled features alone, e.g. an STML-refined backbone without f",
+    )
     batch_size: int = Field(512, ge=1)
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.1, gt=0.0)
@@ -305,6 +309,8 @@ class EvaluateStage(StageBase):
 
     @model_validator(mode="after")
     def _choose_k_needs_auto(self) -> "EvaluateStage":
+        if self.features == "backbone" and self.input == "pixels":
+            raise ValueError("features: backbone needs a backbone input, not 'pixels'")
         if self.choose_k is not None:
             if isinstance(self.clusters, int):
                 raise ValueError(f"choose_k applies to clusters: auto, but clusters is {self.clusters}")

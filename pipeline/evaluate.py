@@ -25,11 +25,12 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 
-def backbone_features(artifact: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
+def backbone_features(artifact: Path, images: np.ndarray, batch_size: int, *, bare: bool = False) -> np.ndarray:
+    """Embeddings of `images` by the artifact's exported module, or by its backbone alone with `bare`."""
     from downstream.embeddings import embed_images
     from pipeline.backbones import load_backbone
 
-    model, meta = load_backbone(artifact, with_meta=True)
+    model, meta = load_backbone(artifact, with_meta=True, bare=bare)
     return embed_images(
         model,
         images,
@@ -132,8 +133,9 @@ def evaluate(
     if artifact is None:
         train_x, eval_x = pixel_features(train.images), pixel_features(evalset.images)
     else:
-        train_x = backbone_features(artifact, train.images, stage["batch_size"])
-        eval_x = backbone_features(artifact, evalset.images, stage["batch_size"])
+        bare = stage.get("features", "embedding") == "backbone"
+        train_x = backbone_features(artifact, train.images, stage["batch_size"], bare=bare)
+        eval_x = backbone_features(artifact, evalset.images, stage["batch_size"], bare=bare)
     metrics["embed_time_s"] = time.time() - t0
     log(f"[{name}] embedded {len(train_x)} + {len(eval_x)} images ({eval_x.shape[1]}-d) in {metrics['embed_time_s']:.1f}s")
 

@@ -67,12 +67,20 @@ def test_override_by_stage_name_and_index(tmp_path):
         ("data.source=imagenet", "data.source"),
         ("ray.num_workers=0", "ray.num_workers"),
         ("stages.ev.input=nope", "input 'nope' is not an earlier stage"),
+        ("stages.ev.features=head", "stages[ev].features"),
     ],
 )
 def test_errors_name_the_key(tmp_path, override, expected):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, GOOD), [override])
     assert expected in str(info.value)
+
+
+def test_backbone_features_need_a_backbone(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, GOOD), ["stages.ev.input=pixels", "stages.ev.features=backbone"])
+    assert "features: backbone needs a backbone input, not 'pixels'" in str(info.value)
+    assert load_config(write(tmp_path, GOOD), ["stages.ev.features=backbone"]).stage("ev").features == "backbone"
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):

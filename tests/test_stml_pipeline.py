@@ -29,6 +29,8 @@ stages:
     settings: {embedding_dim: 32, big_embedding_dim: 64, momentum: 0.9, num_neighbors: 4}
   - {name: eval_stml, kind: evaluate, input: stml, retrieval: true, tsne: false, clusters: 5,
      retrieval_distance: euclidean, kmeans_restarts: 3}
+  - {name: eval_stml_backbone, kind: evaluate, input: stml, features: backbone, retrieval: true, tsne: false,
+     clusters: 5}
 """
 
 
@@ -68,6 +70,33 @@ def test_side_by_side_retrieval_on_unseen_classes(stml_run):
         assert {"recall_at_1", "recall_at_8", "map_at_r", "nmi"} <= m.keys()
         assert "knn_accuracy" not in m  # classes are disjoint: a kNN vote is meaningless
     assert stages["stml"]["input"] == "simclr"
+
+
+def test_evaluate_can_take_the_refined_backbone_without_its_head(stml_run):
+    from pipeline.backbones import load_backbone, read_backbone_meta
+    from pipeline.data import load_images
+    from downstream.embeddings import prepare_batch
+    from pipeline.evaluate import backbone_features
+
+    out, summary = stml_run
+    path = summary["stages"]["stml"]["artifacts"]["backbone"]
+    meta = read_backbone_meta(path)
+    images = load_images("digits", "test", subset=12, classes=[5, 6, 7, 8, 9], image_size=16, seed=0,
+                         log=lambda *_: None).images
+    with_head = backbone_features(path, images, 8)
+    without = backbone_features(path, images, 8, bare=True)
+    assert with_head.shape == (12, 32) and without.shape == (12, meta["feature_dim"])
+    # the bare features are the refined backbone's own timm module's, not the input backbone's
+    x = prepare_batch(torch.from_numpy(images), input_size=meta["input_size"], mean=meta["mean"], std=meta["std"],
+                      in_chans=meta["in_chans"])
+    with torch.no_grad():
+        direct = load_backbone(path, bare=True)(x).numpy()
+    np.testing.assert_allclose(without, direct, rtol=1e-4, atol=1e-4)
+    before = backbone_features(summary["stages"]["simclr"]["artifacts"]["backbone"], images, 8)
+    assert before.shape == without.shape and not np.allclose(before, without, atol=1e-3)
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    m_head, m_bare = stages["eval_stml"]["metrics"], stages["eval_stml_backbone"]["metrics"]
+    assert {"recall_at_1", "nmi"} <= m_bare.keys() and m_bare["map_at_r"] != m_head["map_at_r"]
 
 
 def test_teacher_moved_by_ema_and_student_trained(stml_run):
