@@ -308,9 +308,13 @@ class EvaluateStage(StageBase):
         return value
 
     @model_validator(mode="after")
-    def _choose_k_needs_auto(self) -> "EvaluateStage":
+    def _backbone_features_need_a_backbone(self) -> "EvaluateStage":
         if self.features == "backbone" and self.input == "pixels":
             raise ValueError("features: backbone needs a backbone input, not 'pixels'")
+        return self
+
+    @model_validator(mode="after")
+    def _choose_k_needs_auto(self) -> "EvaluateStage":
         if self.choose_k is not None:
             if isinstance(self.clusters, int):
                 raise ValueError(f"choose_k applies to clusters: auto, but clusters is {self.clusters}")
