@@ -134,6 +134,8 @@ def evaluate(
         train_x, eval_x = pixel_features(train.images), pixel_features(evalset.images)
     else:
         bare = stage.get("features", "embedding") == "backbone"
+        if bare:
+            log(f"[{name}] features: the backbone's pooled features alone (an embedding head, if any, left out)")
         train_x = backbone_features(artifact, train.images, stage["batch_size"], bare=bare)
         eval_x = backbone_features(artifact, evalset.images, stage["batch_size"], bare=bare)
     metrics["embed_time_s"] = time.time() - t0
