@@ -27,22 +27,22 @@ KEYS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", 
 
 def top1_hits(stage: dict, distance: str) -> np.ndarray:
     """Per evaluation image: is its leave-one-out nearest neighbour of its class (the terms of R@1)."""
-    if distance not in ("cosine", "euclidean"):
-        raise ValueError(f"paired R@1 supports cosine and euclidean retrieval, not {distance!r}")
-    x = np.load(stage["artifacts"]["embeddings"]).astype(np.float64)
+    from downstream.retrieval import ranked_gallery
+
+    x = np.load(stage["artifacts"]["embeddings"])
     labels = np.genfromtxt(stage["artifacts"]["assignments"], delimiter=",", names=True, dtype=None,
                            encoding="utf-8")["label"]
-    if distance == "cosine":
-        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        similarity = x @ x.T
-    else:
-        sq = (x * x).sum(1)
-        similarity = 2 * x @ x.T - sq[:, None] - sq[None, :]
-    np.fill_diagonal(similarity, -np.inf)
-    hits = labels[similarity.argmax(1)] == labels
-    if abs(hits.mean() - stage["metrics"]["recall_at_1"]) > 1e-3:  # the stage's own R@1, up to ties
-        raise RuntimeError(f"paired R@1 {hits.mean():.4f} disagrees with the stage's {stage['metrics']['recall_at_1']:.4f}")
+    hits = np.concatenate([labels[ranking[:, 0]] == labels[rows]
+                           for rows, ranking in ranked_gallery(x, distance=distance)])
+    expected = stage["metrics"]["recall_at_1"]
+    if abs(hits.mean() - expected) > 1e-6:
+        raise RuntimeError(f"paired R@1 {hits.mean():.4f} disagrees with the stage's {expected:.4f}")
     return hits
+
+
+def gains(metrics: dict, best: dict) -> str:
+    return (f"R@1 {metrics['recall_at_1'] - best['recall_at_1']:+.4f}, NMI {metrics['nmi'] - best['nmi']:+.4f}, "
+            f"MAP@R {metrics['map_at_r'] - best['map_at_r']:+.4f}")
 
 
 def paired_recall_at_1(base: np.ndarray, other: np.ndarray, rounds: int = 10000, seed: int = 0) -> str:
@@ -96,15 +96,11 @@ def main() -> None:
     best = {k: max(m[k] for m in inputs) for k in KEYS}
     lines += [
         "",
-        f"- STML (Euclidean) against the better of its input's two rows: R@1 {refined['recall_at_1'] - best['recall_at_1']:+.4f}, "
-        f"NMI {refined['nmi'] - best['nmi']:+.4f}, MAP@R {refined['map_at_r'] - best['map_at_r']:+.4f}; "
+        f"- STML (Euclidean) against the better of its input's two rows: {gains(refined, best)}; "
         f"against raw pixels: R@1 {refined['recall_at_1'] - stages['pixels']['metrics']['recall_at_1']:+.4f}, "
         f"NMI {refined['nmi'] - stages['pixels']['metrics']['nmi']:+.4f}.",
         *([f"- The STML-refined backbone's own pooled features (cosine) against the better of its input's two rows: "
-           f"R@1 {stages['eval_stml_backbone']['metrics']['recall_at_1'] - best['recall_at_1']:+.4f}, "
-           f"NMI {stages['eval_stml_backbone']['metrics']['nmi'] - best['nmi']:+.4f}, "
-           f"MAP@R {stages['eval_stml_backbone']['metrics']['map_at_r'] - best['map_at_r']:+.4f}."]
-          if "eval_stml_backbone" in stages else []),
+           f"{gains(stages['eval_stml_backbone']['metrics'], best)}."] if "eval_stml_backbone" in stages else []),
         *paired_lines(stages, config),
         f"- Wall time of the STML stage: {stages['stml']['metrics']['stage_time_s']:.0f} s "
         f"({stages['stml']['metrics'].get('images_per_sec', float('nan')):.1f} images/s in its last epoch); "
