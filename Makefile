@@ -33,7 +33,7 @@ demo: setup
 	$(BIN)/sslpipe run configs/quickstart.yaml --output-dir runs/quickstart
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadscope
 
 bench: setup
 	$(BIN)/python bench/quality.py

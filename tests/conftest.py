@@ -12,6 +12,26 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
+def _touches_ray(test_file: Path) -> bool:
+    text = test_file.read_text()
+    return "ray_session" in text or "pytest.mark.ray" in text
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs `pytest -n 2 --dist loadscope`: every module that touches Ray goes to one worker, one after
+    another on that worker's shared Ray; the other modules go to the second worker, each module whole so that
+    its fixtures are built once. Ray tests spend much of their time waiting on actor start-up and polls, which
+    leaves a core for the rest. A plain `pytest` runs everything in one process."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "ray" if _touches_ray(config.rootpath / path) else path
+
+    return RayModulesTogether(config, log)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray with room for two Train workers plus the controller, shared by the whole session."""
@@ -38,3 +58,4 @@ def sslpipe_cmd():
 def require_fashion_mnist():
     if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST_DIR} (make setup installs dataset-fashion-mnist)")
+
