@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -12,16 +13,25 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
+@functools.lru_cache(maxsize=None)
 def _touches_ray(test_file: Path) -> bool:
-    text = test_file.read_text()
+    """A module that needs Ray says so: it uses the `ray_session` fixture or the `ray` mark. A new module that
+    trains without either would start a second local Ray beside the shared one."""
+    try:
+        text = test_file.read_text()
+    except OSError:
+        return False
     return "ray_session" in text or "pytest.mark.ray" in text
 
 
+@pytest.hookimpl(optionalhook=True)  # only pytest-xdist defines this hook; a plain pytest runs without it
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs `pytest -n 2 --dist loadscope`: every module that touches Ray goes to one worker, one after
-    another on that worker's shared Ray; the other modules go to the second worker, each module whole so that
-    its fixtures are built once. Ray tests spend much of their time waiting on actor start-up and polls, which
-    leaves a core for the rest. A plain `pytest` runs everything in one process."""
+    """Under `pytest -n N` (`make test` runs `-n 2 --dist loadscope`), all modules that touch Ray go to one worker,
+    in turn, on that worker's shared Ray; the other modules are spread over the workers, each module whole so its
+    fixtures are built once. Ray tests spend much of their time waiting on actor start-up and polls, which the
+    other worker fills. Other `--dist` modes (each, loadgroup) keep xdist's own scheduler."""
+    if config.getvalue("dist") not in ("load", "loadscope"):
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class RayModulesTogether(LoadScopeScheduling):
@@ -58,4 +68,3 @@ def sslpipe_cmd():
 def require_fashion_mnist():
     if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST_DIR} (make setup installs dataset-fashion-mnist)")
-
