@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kmeans import KMeansResult, _l2_normalize, kmeans
+from .kmeans import KMeansResult, kmeans, l2_normalize
 
 __all__ = ["ChooseKResult", "choose_k"]
 
@@ -48,7 +48,7 @@ def choose_k(x, k_min: int = 2, k_max: int = 20, *, spherical: bool = False, nit
     if k_max < k_min:
         raise ValueError(f"choose_k: k_max={k_max} is below k_min={k_min}")
 
-    points = _l2_normalize(x) if spherical else x
+    points = l2_normalize(x) if spherical else x
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=max_points, replace=False)) if n > max_points else np.arange(n)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-__all__ = ["KMeansResult", "kmeans"]
+__all__ = ["KMeansResult", "kmeans", "l2_normalize"]
 
 # Rows per block when recomputing exact distances; bounds the temporary
 # (block, D) difference matrices to ~200 MiB for D <= 1024.
@@ -33,7 +33,7 @@ class KMeansResult:
     inertia: float
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Row-normalize; all-zero rows stay zero instead of turning into NaN."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32, copy=False)
@@ -126,7 +126,7 @@ def kmeans(
     if niter < 1 or nredo < 1:
         raise ValueError(f"kmeans: niter and nredo must be >= 1, got niter={niter}, nredo={nredo}")
     if spherical:
-        x = np.ascontiguousarray(_l2_normalize(x))
+        x = np.ascontiguousarray(l2_normalize(x))
 
     gpu = _resolve_gpu(use_gpu)
     params = dict(
@@ -154,7 +154,7 @@ def kmeans(
         if init.shape != (k, d):
             raise ValueError(f"kmeans: init_centroids must have shape ({k}, {d}), got {init.shape}")
         if spherical:
-            init = np.ascontiguousarray(_l2_normalize(init))
+            init = np.ascontiguousarray(l2_normalize(init))
 
     km = faiss.Kmeans(d, k, **params)
     km.train(x, init_centroids=init)
@@ -162,7 +162,7 @@ def kmeans(
     if spherical:
         # faiss already renormalizes each iteration; redo it so the invariant
         # also holds for its k == N shortcut, which copies the points verbatim.
-        centroids = np.ascontiguousarray(_l2_normalize(centroids))
+        centroids = np.ascontiguousarray(l2_normalize(centroids))
 
     # Assign with an L2 index even in spherical mode (km.index is then an inner
     # product index): for unit-norm points and centroids argmin L2 == argmax IP,

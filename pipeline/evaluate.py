@@ -16,11 +16,6 @@ import numpy as np
 from pipeline.data import ImageSet
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 def pixel_features(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
@@ -46,13 +41,13 @@ def backbone_features(artifact: Path, images: np.ndarray, batch_size: int, *, ba
 def quick_evaluate(artifact: Path, train: ImageSet, evalset: ImageSet, *, k: int = 200, temperature: float = 0.1,
                    seed: int = 0, batch_size: int = 512) -> dict[str, float]:
     """kNN accuracy and k-means NMI only: what a pretext stage reports about its backbone."""
-    from clustering import kmeans, nmi
+    from clustering import kmeans, l2_normalize, nmi
     from downstream.knn import knn_accuracy
 
     train_x = backbone_features(artifact, train.images, batch_size)
     eval_x = backbone_features(artifact, evalset.images, batch_size)
     clusters = len(np.unique(evalset.labels))
-    km = kmeans(_l2_normalize(eval_x), min(clusters, len(eval_x)), seed=seed)
+    km = kmeans(l2_normalize(eval_x), min(clusters, len(eval_x)), seed=seed)
     return {
         "knn_accuracy": knn_accuracy(train_x, train.labels, eval_x, evalset.labels, k=k, temperature=temperature),
         "nmi": nmi(evalset.labels, km.assignments),
@@ -118,8 +113,8 @@ def evaluate(
     Artifacts are files directly in `out_dir` plus the `clusters/` folder of per-cluster pages, the layout
     the HTML report links to (the runner logs folders under their own name, files at the artifact root).
     """
-    from clustering import (choose_k, cluster_grid, cluster_metrics, cluster_pages, kmeans, silhouette_plot,
-                            write_assignments)
+    from clustering import (choose_k, cluster_grid, cluster_metrics, cluster_pages, kmeans, l2_normalize,
+                            silhouette_plot, write_assignments)
     from downstream.knn import knn_accuracy
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +152,7 @@ def evaluate(
         metrics["retrieval_time_s"] = time.time() - t0
 
     spherical = bool(stage.get("spherical_kmeans", False))
-    feats = _l2_normalize(eval_x)
+    feats = l2_normalize(eval_x)
     t0 = time.time()
     if stage["clusters"] == "auto":
         rng = stage.get("choose_k") or {"min": 2, "max": 20}
