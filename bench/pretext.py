@@ -23,8 +23,10 @@ WORK = ROOT / "bench" / "_work"
 from bench.speed import fresh_run_command, machine, write_section  # noqa: E402
 
 
-def run(config: str, reuse: bool, overrides: list[str]) -> dict:
-    out = WORK / f"pretext_{config}"
+def run(config: str, reuse: bool, overrides: list[str], out: Path | None = None) -> dict:
+    """Train ``configs/<config>.yaml`` afresh into ``out`` (default bench/_work/pretext_<config>); ``reuse`` keeps
+    a finished run there."""
+    out = out or WORK / f"pretext_{config}"
     if not (reuse and (out / "summary.json").exists()):
         cmd = fresh_run_command(ROOT / "configs" / f"{config}.yaml", out, overrides)
         start = time.time()
