@@ -1,10 +1,21 @@
-"""Shared fixtures. One local Ray instance serves every test that needs Ray (starting one costs ~10 s)."""
+"""Shared fixtures. One Ray head per test process serves every test there that needs Ray (starting one costs
+~10 s); under `make test` the two xdist workers each run half of the Ray modules on their own head."""
 
 from __future__ import annotations
 
+import collections
 import functools
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,38 +35,163 @@ def _touches_ray(test_file: Path) -> bool:
     return "ray_session" in text or "pytest.mark.ray" in text
 
 
+def _ray_modules(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "tests").glob("test_*.py") if _touches_ray(p))
+
+
 @pytest.hookimpl(optionalhook=True)  # only pytest-xdist defines this hook; a plain pytest runs without it
 def pytest_xdist_make_scheduler(config, log):
-    """Under `pytest -n N` (`make test` runs `-n 2 --dist loadscope`), all modules that touch Ray go to one worker,
-    in turn, on that worker's shared Ray; the other modules are spread over the workers, each module whole so its
-    fixtures are built once. Ray tests spend much of their time waiting on actor start-up and polls, which the
-    other worker fills. Other `--dist` modes (each, loadgroup) keep xdist's own scheduler."""
+    """Under `pytest -n N` (`make test` runs `-n 2 --dist loadscope`), the modules that touch Ray form two groups
+    (alternating in name order, which splits their time about evenly) that go out first, one to each worker, on
+    that worker's own Ray head; the other modules follow, each module whole so its fixtures are built once. Ray
+    tests spend much of their time waiting on process start-up and polls, which the other group fills. Other
+    `--dist` modes (each, loadgroup) keep xdist's own scheduler."""
     if config.getvalue("dist") not in ("load", "loadscope"):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class RayModulesTogether(LoadScopeScheduling):
+    groups = {p.resolve(): f"ray-{i % 2}" for i, p in enumerate(_ray_modules(config.rootpath))}
+
+    class RayGroupsFirst(collections.OrderedDict):
+        def __setitem__(self, scope, tests):
+            super().__setitem__(scope, tests)
+            if scope.startswith("ray-"):
+                self.move_to_end(scope, last=False)
+
+    class RayModulesInTwoGroups(LoadScopeScheduling):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.workqueue = RayGroupsFirst()
+
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return "ray" if _touches_ray(config.rootpath / path) else path
+            return groups.get((config.rootpath / path).resolve(), path)
 
-    return RayModulesTogether(config, log)
+    return RayModulesInTwoGroups(config, log)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def kill_group(pgid: int, timeout: float = 8.0) -> None:
+    """SIGTERM, then SIGKILL, a process group (a head node started by `start_ray_head`)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+
+
+def dashboard_status(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(f"{url}/api/version")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0  # not listening yet
+
+
+def start_ray_head(env: dict[str, str], num_cpus: int = 2, token: str | None = None,
+                   system_config: dict | None = None):
+    """A head node on 127.0.0.1 on free ports, in its own process group and temp dir; returns (gcs address,
+    dashboard url, stop), where `stop()` kills exactly this node's processes (`ray stop` would stop every Ray
+    instance on the machine) and removes its files.
+
+    A loaded 2-core machine can miss Ray's own start-up deadline ("node timed out during startup"): one retry
+    on fresh ports, after cleaning up the failed attempt.
+    """
+    ray = str(Path(sys.executable).with_name("ray"))
+    if not Path(ray).exists():
+        pytest.skip(f"the ray CLI is not installed beside {sys.executable}")
+    # Ray's unix sockets live under the temp dir: keep its path short (pytest's tmp_path is too long).
+    temp_dir = tempfile.mkdtemp(prefix="sslray-", dir="/tmp")
+
+    def attempt():
+        port, dashboard, agent_http, agent_grpc, runtime_env, metrics, client, objects, node = free_ports(9)
+        command = [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                   "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
+                   "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
+                   "--ray-client-server-port", str(client), "--object-manager-port", str(objects),
+                   "--node-manager-port", str(node), "--num-cpus", str(num_cpus), "--num-gpus", "0",
+                   "--temp-dir", temp_dir, "--disable-usage-stats"]
+        if system_config:
+            command += ["--system-config", json.dumps(system_config)]
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # every daemon of this node inherits the group
+        try:
+            out, _ = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            kill_group(proc.pid)
+            raise
+        return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", out
+
+    proc, address, url, out = attempt()
+    if proc.returncode != 0:
+        kill_group(proc.pid)
+        proc, address, url, out = attempt()
+
+    def stop():
+        kill_group(proc.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+    try:
+        assert proc.returncode == 0, out[-3000:]
+        deadline = time.time() + 120
+        while dashboard_status(url, token) != 200:
+            assert time.time() < deadline, f"dashboard at {url} did not come up"
+            time.sleep(1)
+    except BaseException:
+        stop()
+        raise
+    return address, url, stop
 
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray with room for two Train workers plus the controller, shared by the whole session."""
+    """A Ray head with room for two Train workers plus the controller, shared by the whole test process.
+
+    A head of its own (rather than `ray.init()`'s local instance) because under xdist two test processes run
+    Ray side by side: attached by address, `ray_init` hands that address to every actor, whose state-API calls
+    would otherwise find two Ray instances on the machine and fail.
+    """
     import ray
 
-    from pipeline.trainer import ray_init
+    from pipeline.trainer import LEAN_LOCAL_RAY, ray_init
 
     # Ray Train's controller collects each report on a 2 s poll, and a worker's next report waits for it: the
-    # tests' sub-second epochs spent ~1.6 s per report waiting (0.4 s at 0.5 s). Set before Ray starts, so the
-    # controller actors (and subprocess CLIs) inherit it; real epochs last far longer than either interval.
+    # tests' sub-second epochs spent ~1.6 s per report waiting (0.4 s at 0.5 s). In the head's environment, so
+    # that every actor inherits it; real epochs last far longer than either interval.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ray_init(None, num_cpus=2)  # the pipeline's own local start (lean: no metrics collectors)
-    yield ray
-    ray.shutdown()
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback test node; the driver and the CLIs must match it
+    env = {**os.environ, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    env.pop("RAY_ADDRESS", None)
+    address, _, stop = start_ray_head(env, num_cpus=2, system_config=LEAN_LOCAL_RAY)
+    try:
+        ray_init(address)
+        yield ray
+    finally:
+        ray.shutdown()
+        stop()
 
 
 @pytest.fixture(scope="session")

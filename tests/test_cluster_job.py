@@ -9,33 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import dashboard_status, start_ray_head
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def ray_cli() -> str:
@@ -45,41 +30,12 @@ def ray_cli() -> str:
     return str(path)
 
 
-def dashboard_status(url: str, token: str | None = None) -> int:
-    request = urllib.request.Request(f"{url}/api/version")
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
-
-
-def kill_group(pgid: int, timeout: float = 8.0) -> None:
-    """SIGTERM, then SIGKILL, the process group of the head node this test started."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.5)
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """A token-authenticated head node on 127.0.0.1 with 2 CPUs; yields (dashboard url, env for the CLI)."""
     ray = ray_cli()
     home = tmp_path / "home"
     home.mkdir()
-    # Ray's unix sockets live under the temp dir: keep its path short (pytest's tmp_path is too long).
-    temp_dir = Path(tempfile.mkdtemp(prefix="sslray-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
         HOME=str(home),  # `ray get-auth-token --generate` writes $HOME/.ray/auth_token
@@ -92,50 +48,11 @@ def ray_head(tmp_path):
     token = subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, text=True,
                            timeout=60, check=True).stdout.strip()
     assert (home / ".ray" / "auth_token").read_text().strip() == token
-
-    def discard(proc):
-        """Clean up a failed start: its daemons and its session files."""
-        kill_group(proc.pid)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-    def start_head():
-        port, dashboard, agent_http, agent_grpc, runtime_env, metrics, client, objects, node = free_ports(9)
-        proc = subprocess.Popen(
-            [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-             "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-             "--runtime-env-agent-port", str(runtime_env), "--metrics-export-port", str(metrics),
-             "--ray-client-server-port", str(client), "--object-manager-port", str(objects),
-             "--node-manager-port", str(node), "--num-cpus", "2", "--num-gpus", "0",
-             "--temp-dir", str(temp_dir), "--disable-usage-stats"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,  # every daemon of this node inherits the group: teardown kills exactly it
-        )
-        try:
-            out, _ = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            discard(proc)
-            raise
-        return proc, dashboard, out
-
-    # A loaded 2-core machine can miss Ray's own start-up deadline ("node timed out during startup"):
-    # one retry on fresh ports, after cleaning up the failed attempt.
-    start, dashboard, out = start_head()
-    if start.returncode != 0:
-        discard(start)
-        start, dashboard, out = start_head()
-    pgid = start.pid
+    _, url, stop = start_ray_head(env, num_cpus=2, token=token)
     try:
-        assert start.returncode == 0, out[-3000:]
-        url = f"http://127.0.0.1:{dashboard}"
-        deadline = time.time() + 120
-        while dashboard_status(url, token) != 200:
-            assert time.time() < deadline, f"dashboard at {url} did not come up"
-            time.sleep(1)
         yield url, env, token
     finally:
-        kill_group(pgid)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop()
 
 
 JOB_CONFIG = textwrap.dedent(
