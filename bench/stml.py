@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=CONFIG_SEED)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    if any(o.replace(" ", "").startswith("seed=") for o in args.overrides):
+        parser.error("give the seed with --seed N (its run gets its own folder), not --set seed=N")
     out = work_dir(args.seed)
     overrides = args.overrides + ([f"seed={args.seed}"] if args.seed != CONFIG_SEED else [])
     summary = run("fmnist_stml", args.reuse, overrides, out=out)

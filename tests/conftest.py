@@ -35,14 +35,10 @@ def _touches_ray(test_file: Path) -> bool:
     return "ray_session" in text or "pytest.mark.ray" in text
 
 
-def _ray_modules(root: Path) -> list[Path]:
-    return sorted(p for p in (root / "tests").glob("test_*.py") if _touches_ray(p))
-
-
 @pytest.hookimpl(optionalhook=True)  # only pytest-xdist defines this hook; a plain pytest runs without it
 def pytest_xdist_make_scheduler(config, log):
     """Under `pytest -n N` (`make test` runs `-n 2 --dist loadscope`), the modules that touch Ray form two groups
-    (alternating in name order, which splits their time about evenly) that go out first, one to each worker, on
+    (alternating in collection order, which splits their time about evenly) that go out first, one to each worker, on
     that worker's own Ray head; the other modules follow, each module whole so its fixtures are built once. Ray
     tests spend much of their time waiting on process start-up and polls, which the other group fills. Other
     `--dist` modes (each, loadgroup) keep xdist's own scheduler."""
@@ -50,7 +46,7 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    groups = {p.resolve(): f"ray-{i % 2}" for i, p in enumerate(_ray_modules(config.rootpath))}
+    groups: dict[str, str] = {}  # Ray module -> its group, alternating as the collection first names them
 
     class RayGroupsFirst(collections.OrderedDict):
         def __setitem__(self, scope, tests):
@@ -65,7 +61,9 @@ def pytest_xdist_make_scheduler(config, log):
 
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return groups.get((config.rootpath / path).resolve(), path)
+            if path not in groups and _touches_ray(config.rootpath / path):
+                groups[path] = f"ray-{len(groups) % 2}"
+            return groups.get(path, path)
 
     return RayModulesInTwoGroups(config, log)
 
@@ -119,9 +117,10 @@ def start_ray_head(env: dict[str, str], num_cpus: int = 2, token: str | None = N
     A loaded 2-core machine can miss Ray's own start-up deadline ("node timed out during startup"): one retry
     on fresh ports, after cleaning up the failed attempt.
     """
-    ray = str(Path(sys.executable).with_name("ray"))
-    if not Path(ray).exists():
-        pytest.skip(f"the ray CLI is not installed beside {sys.executable}")
+    beside = Path(sys.executable).with_name("ray")
+    ray = str(beside) if beside.exists() else shutil.which("ray")
+    if ray is None:
+        pytest.skip(f"the ray CLI is neither beside {sys.executable} nor on PATH")
     # Ray's unix sockets live under the temp dir: keep its path short (pytest's tmp_path is too long).
     temp_dir = tempfile.mkdtemp(prefix="sslray-", dir="/tmp")
 
@@ -145,10 +144,16 @@ def start_ray_head(env: dict[str, str], num_cpus: int = 2, token: str | None = N
             raise
         return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", out
 
-    proc, address, url, out = attempt()
-    if proc.returncode != 0:
-        kill_group(proc.pid)
+    try:
         proc, address, url, out = attempt()
+        if proc.returncode != 0:
+            kill_group(proc.pid)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            os.makedirs(temp_dir)
+            proc, address, url, out = attempt()
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
 
     def stop():
         kill_group(proc.pid)
