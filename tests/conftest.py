@@ -108,6 +108,15 @@ def dashboard_status(url: str, token: str | None = None) -> int:
         return 0  # not listening yet
 
 
+def ray_cli() -> str:
+    """The `ray` script of this environment (beside the interpreter), else the one on PATH; skips without one."""
+    beside = Path(sys.executable).with_name("ray")
+    ray = str(beside) if beside.exists() else shutil.which("ray")
+    if ray is None:
+        pytest.skip(f"the ray CLI is neither beside {sys.executable} nor on PATH")
+    return ray
+
+
 def start_ray_head(env: dict[str, str], num_cpus: int = 2, token: str | None = None,
                    system_config: dict | None = None):
     """A head node on 127.0.0.1 on free ports, in its own process group and temp dir; returns (gcs address,
@@ -117,10 +126,7 @@ def start_ray_head(env: dict[str, str], num_cpus: int = 2, token: str | None = N
     A loaded 2-core machine can miss Ray's own start-up deadline ("node timed out during startup"): one retry
     on fresh ports, after cleaning up the failed attempt.
     """
-    beside = Path(sys.executable).with_name("ray")
-    ray = str(beside) if beside.exists() else shutil.which("ray")
-    if ray is None:
-        pytest.skip(f"the ray CLI is neither beside {sys.executable} nor on PATH")
+    ray = ray_cli()
     # Ray's unix sockets live under the temp dir: keep its path short (pytest's tmp_path is too long).
     temp_dir = tempfile.mkdtemp(prefix="sslray-", dir="/tmp")
 

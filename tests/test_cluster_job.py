@@ -17,17 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dashboard_status, start_ray_head
+from conftest import dashboard_status, ray_cli, start_ray_head
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def ray_cli() -> str:
-    path = BIN / "ray"
-    if not path.exists():
-        pytest.skip(f"the ray CLI is not installed beside {sys.executable}")
-    return str(path)
 
 
 @pytest.fixture
