@@ -95,6 +95,37 @@ def kill_group(pgid: int, timeout: float = 8.0) -> None:
             time.sleep(0.5)
 
 
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+parent, pgid, temp_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+while os.getppid() == parent:  # reparented: the test process died without stopping the group
+    time.sleep(1)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        sys.exit(0)  # stopped the normal way
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        break
+    for _ in range(25):
+        time.sleep(0.2)
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+shutil.rmtree(temp_dir, ignore_errors=True)
+"""
+
+
+def watch_group(pgid: int, temp_dir: str) -> subprocess.Popen:
+    """A small process that stops the group and removes its temp dir if this process dies first (SIGKILL, a
+    crashed xdist worker), which no `finally` survives; it exits by itself once the group is gone."""
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pgid), temp_dir],
+                            start_new_session=True, stdin=subprocess.DEVNULL)
+
+
 def dashboard_status(url: str, token: str | None = None) -> int:
     request = urllib.request.Request(f"{url}/api/version")
     if token:
@@ -161,9 +192,13 @@ def start_ray_head(env: dict[str, str], num_cpus: int = 2, token: str | None = N
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
 
+    watchdog = watch_group(proc.pid, temp_dir)
+
     def stop():
         kill_group(proc.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
+        watchdog.kill()
+        watchdog.wait()
 
     try:
         assert proc.returncode == 0, out[-3000:]
