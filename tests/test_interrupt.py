@@ -77,6 +77,10 @@ def test_sigterm_marks_runs_killed_and_the_rerun_resumes_from_the_checkpoint(ray
     killed_steps = [m.step for m in client.get_metric_history(killed[0].info.run_id, "loss")]
     assert sorted(resumed_steps) == list(range(resumed_after + 1, 5))
     assert sorted(set(killed_steps) | set(resumed_steps)) == [1, 2, 3, 4]
+    # the artifact counts every epoch, those before the stop included
+    from pipeline.backbones import read_backbone_meta
+
+    assert read_backbone_meta(summary["stages"]["simclr"]["artifacts"]["backbone"])["epochs_trained"] == 4
     assert time.time() - started < 600
 
 

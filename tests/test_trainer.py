@@ -1,15 +1,12 @@
-"""The shared Ray Train worker loop: schedule, precision choice, and resuming from a checkpoint."""
+"""The shared Ray Train worker loop: schedule, precision choice, compiling, and how a local Ray starts.
+Resuming from a checkpoint is checked end to end in test_interrupt (a stopped run) and test_faults (a killed worker)."""
 
 from __future__ import annotations
 
-import json
-import math
-
-import numpy as np
 import pytest
 import torch
 
-from pipeline.trainer import TrainJob, fit_stage, lr_factor, resolve_precision
+from pipeline.trainer import TrainJob, lr_factor, resolve_precision
 
 
 def test_warmup_then_cosine():
@@ -33,34 +30,6 @@ def test_precision_auto_on_cpu_follows_native_bf16(monkeypatch):
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16"
     assert resolve_precision("fp32", cpu) == "fp32"
-
-
-def _job(ray, epochs: int) -> TrainJob:
-    from pipeline.config import BackboneConfig, PretextStage
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (128, 1, 12, 12), dtype=np.uint8)
-    stage = PretextStage(name="s", kind="pretext", method="simclr", epochs=epochs, batch_size=32)
-    return TrainJob(
-        stage=stage.model_dump(mode="json"),
-        backbone=BackboneConfig(image_size=12, stem_stride=2).model_dump(mode="json"),
-        seed=0, data=[ray.put(images)], mean=[0.5] * 3, std=[0.25] * 3,
-    )
-
-
-def test_rerun_with_same_name_resumes_from_the_last_checkpoint(ray_session, tmp_path):
-    """A second TorchTrainer with the same (storage_path, name) picks up `get_checkpoint()`."""
-    ray_cfg = {"num_workers": 2, "use_gpu": False, "resources_per_worker": None, "max_failures": 0}
-    first = fit_stage(_job(ray_session, 1), ray_cfg=ray_cfg, storage_path=str(tmp_path / "ray"),
-                      run_name="resume", workdir=tmp_path / "a")
-    assert json.loads((first.checkpoint_dir / "progress.json").read_text())["epoch"] == 0
-    second = fit_stage(_job(ray_session, 3), ray_cfg=ray_cfg, storage_path=str(tmp_path / "ray"),
-                       run_name="resume", workdir=tmp_path / "b")
-    progress = json.loads((second.checkpoint_dir / "progress.json").read_text())
-    assert progress["epoch"] == 2 and progress["resumed_at_epoch"] == 1  # epoch 1 was not trained again
-    meta = json.loads((second.checkpoint_dir / "backbone" / "backbone.json").read_text())
-    assert meta["epochs_trained"] == 3
-    assert math.isfinite(second.metrics["loss"])
 
 
 def test_compile_option_compiles_the_backbone_in_place():
