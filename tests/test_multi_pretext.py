@@ -14,8 +14,8 @@ from pipeline.config import ConfigError, validate_config
 CONFIG = textwrap.dedent(
     """
     name: multi
-    data: {source: digits, train_subset: 400, eval_subset: 200}
-    backbone: {name: resnet18, small_image_stem: true, stem_stride: 2, image_size: 16}
+    data: {source: digits, train_subset: 256, eval_subset: 200}
+    backbone: {name: test_resnet, small_image_stem: false, image_size: 16}
     ray: {num_workers: 1}
     selection: {metric: knn_accuracy, mode: max}
     stages:

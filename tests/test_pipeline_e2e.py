@@ -17,7 +17,7 @@ CONFIG = textwrap.dedent(
     """
     name: e2e
     seed: 0
-    data: {source: fashion-mnist, train_subset: 640, eval_subset: 300}
+    data: {source: fashion-mnist, train_subset: 384, eval_subset: 300}
     backbone: {name: resnet18, small_image_stem: true, stem_stride: 2, image_size: 16}
     ray: {num_workers: 2, max_failures: 0}
     stages:

@@ -22,7 +22,7 @@ CONFIG = textwrap.dedent(
     name: retrain-test
     seed: 0
     data: {{source: folder, root: {root}, load_size: 16}}
-    backbone: {{name: resnet18, small_image_stem: true, stem_stride: 2, image_size: 16}}
+    backbone: {{name: test_resnet, small_image_stem: false, image_size: 16}}
     ray: {{num_workers: 2, max_failures: 0}}
     registry: {{model_name: tiny-backbone, metric: knn_accuracy, min_improvement: 0.05}}
     stages:
