@@ -79,20 +79,23 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def kill_group(pgid: int, timeout: float = 8.0) -> None:
-    """SIGTERM, then SIGKILL, a process group (a head node started by `start_ray_head`)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def kill_group(pgid: int, grace: float = 1.0, timeout: float = 8.0) -> None:
+    """SIGTERM, then after `grace` seconds SIGKILL, a process group (a head node started by `start_ray_head`).
+
+    A head's graceful exit takes about 10 s here (its GCS outlives SIGTERM and the raylet is started again
+    meanwhile); a throwaway test node loses nothing to SIGKILL, and every test process waits for it at the end."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, timeout)):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
             return
-        deadline = time.time() + timeout
+        deadline = time.time() + wait
         while time.time() < deadline:
             try:
                 os.killpg(pgid, 0)
             except ProcessLookupError:
                 return
-            time.sleep(0.5)
+            time.sleep(0.2)
 
 
 _WATCHDOG = """
