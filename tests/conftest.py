@@ -177,31 +177,33 @@ def start_ray_head(env: dict[str, str], num_cpus: int = 2, token: str | None = N
             command += ["--system-config", json.dumps(system_config)]
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)  # every daemon of this node inherits the group
+        watchdog = watch_group(proc.pid, temp_dir)  # from the first daemon on, `ray start` itself included
         try:
             out, _ = proc.communicate(timeout=180)
         except subprocess.TimeoutExpired:
-            kill_group(proc.pid)
+            discard(proc, watchdog)
             raise
-        return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", out
+        return proc, watchdog, f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", out
+
+    def discard(proc, watchdog):
+        kill_group(proc.pid)
+        watchdog.kill()
+        watchdog.wait()
 
     try:
-        proc, address, url, out = attempt()
+        proc, watchdog, address, url, out = attempt()
         if proc.returncode != 0:
-            kill_group(proc.pid)
+            discard(proc, watchdog)
             shutil.rmtree(temp_dir, ignore_errors=True)
             os.makedirs(temp_dir)
-            proc, address, url, out = attempt()
+            proc, watchdog, address, url, out = attempt()
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
 
-    watchdog = watch_group(proc.pid, temp_dir)
-
     def stop():
-        kill_group(proc.pid)
+        discard(proc, watchdog)
         shutil.rmtree(temp_dir, ignore_errors=True)
-        watchdog.kill()
-        watchdog.wait()
 
     try:
         assert proc.returncode == 0, out[-3000:]

@@ -5,6 +5,7 @@ stand-in group (`sleep`), which costs a second instead of a Ray start."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ PARENT = """
 import subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
 from conftest import watch_group
-group = subprocess.Popen(["sleep", "300"], start_new_session=True)
+group = subprocess.Popen(["sleep", "300"], start_new_session=True, stdout=subprocess.DEVNULL)
 watch_group(group.pid, sys.argv[2])
 print(group.pid, flush=True)
 time.sleep(300)
@@ -49,6 +50,7 @@ def test_the_group_is_stopped_when_its_test_process_is_killed(tmp_path):
     temp_dir.mkdir()
     parent = subprocess.Popen([sys.executable, "-c", PARENT, str(Path(__file__).parent), str(temp_dir)],
                               stdout=subprocess.PIPE, text=True)
+    pgid = None
     try:
         pgid = int(parent.stdout.readline())
         assert group_alive(pgid)
@@ -58,6 +60,9 @@ def test_the_group_is_stopped_when_its_test_process_is_killed(tmp_path):
         assert wait_until(lambda: not temp_dir.exists(), timeout=10), "the orphaned group's temp dir is left"
     finally:
         parent.kill()
+        parent.stdout.close()
+        if pgid is not None and group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
 
 
 def test_the_watchdog_leaves_once_the_group_is_stopped_normally(tmp_path):
