@@ -98,34 +98,25 @@ def kill_group(pgid: int, grace: float = 1.0, timeout: float = 8.0) -> None:
             time.sleep(0.2)
 
 
-_WATCHDOG = """
-import os, shutil, signal, sys, time
-parent, pgid, temp_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-while os.getppid() == parent:  # reparented: the test process died without stopping the group
-    time.sleep(1)
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        sys.exit(0)  # stopped the normal way
-for sig in (signal.SIGTERM, signal.SIGKILL):
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        break
-    for _ in range(25):
-        time.sleep(0.2)
+def _watchdog(parent: int, pgid: int, temp_dir: str) -> None:
+    """The body of `watch_group`'s process: wait while `parent` lives (this process is reparented when it
+    dies); leave quietly if the group stops the normal way, else stop it and remove its temp dir."""
+    while os.getppid() == parent:
+        time.sleep(1)
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
-            break
-shutil.rmtree(temp_dir, ignore_errors=True)
-"""
+            return
+    kill_group(pgid)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def watch_group(pgid: int, temp_dir: str) -> subprocess.Popen:
     """A small process that stops the group and removes its temp dir if this process dies first (SIGKILL, a
     crashed xdist worker), which no `finally` survives; it exits by itself once the group is gone."""
-    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(pgid), temp_dir],
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import conftest; "
+            "conftest._watchdog(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])")
+    return subprocess.Popen([sys.executable, "-c", code, str(os.getpid()), str(pgid), temp_dir],
                             start_new_session=True, stdin=subprocess.DEVNULL)
 
 
