@@ -61,7 +61,7 @@ def untrained_metrics(summary: dict, config: dict) -> dict[str, float]:
     builds the backbone, then the head; rank 0's weights are broadcast to the other worker."""
     import torch
 
-    from downstream.embeddings import embed_images
+    from pretext.embeddings import embed_images
     from downstream.metric import MetricEmbedder
     from downstream.retrieval import retrieval_metrics
     from pipeline.backbones import build_backbone, read_backbone_meta

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 
 import numpy as np
+
+from .files import atomic_output
 
 __all__ = ["write_assignments", "read_assignments"]
 
@@ -42,7 +43,7 @@ def write_assignments(path, ids, assignments, distances, labels=None) -> str:
     """Write one row per point and return ``path`` (as str).
 
     Args:
-        path: destination CSV; its folder must exist.
+        path: destination CSV (its folder is created if missing).
         ids: N dataset indices (ints) or file paths (str / PathLike).
         assignments: N cluster ids (ints).
         distances: N distances to the assigned centroid; written with float32
@@ -66,28 +67,14 @@ def write_assignments(path, ids, assignments, distances, labels=None) -> str:
 
     header = ["id", "cluster", "distance"] + (["label"] if labels is not None else [])
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for i in range(n):
-                row = [_to_id(ids[i]), int(assignments[i]), str(distances[i])]
-                if labels is not None:
-                    row.append(labels[i])
-                writer.writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; artifacts are meant to be shared/read by others.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(path, newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i in range(n):
+            row = [_to_id(ids[i]), int(assignments[i]), str(distances[i])]
+            if labels is not None:
+                row.append(labels[i])
+            writer.writerow(row)
     return path
 
 

@@ -33,10 +33,12 @@ class KMeansResult:
     inertia: float
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-normalize; all-zero rows stay zero instead of turning into NaN."""
+def l2_normalize(x: np.ndarray, *, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """Row-normalize (N, D) in ``x``'s own precision, returned as ``dtype`` (float32 unless asked for
+    another); all-zero rows stay zero instead of turning into NaN. The one copy of this helper:
+    downstream's kNN and retrieval use it too."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32, copy=False)
+    return (x / np.maximum(norms, np.finfo(np.float32).tiny)).astype(dtype, copy=False)
 
 
 def _resolve_gpu(use_gpu: bool | None) -> bool:

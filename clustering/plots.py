@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import numpy as np
+
+from .files import atomic_output
 
 __all__ = ["embedding_2d", "scatter_plot", "cluster_grid", "cluster_pages", "silhouette_plot"]
 
@@ -24,24 +25,11 @@ _MIN_TILE = 64  # small images (MNIST 28x28) are upscaled by an integer factor t
 _FONT_SIZE = 11
 
 
-def _atomic_write(path, write) -> str:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (readers never see partial files)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+def _save(path, write) -> str:
+    """``write(file)`` into :func:`~clustering.files.atomic_output` (binary); returns ``path`` as str."""
+    with atomic_output(path, "wb") as f:
+        write(f)
+    return os.fspath(path)
 
 
 # --------------------------------------------------------------------------- 2-D embedding
@@ -191,9 +179,7 @@ def scatter_plot(coords, colorings: dict, path, *, title: str = "") -> str:
         ax.set_yticks([])
     if title:
         fig.suptitle(title)
-    return _atomic_write(
-        path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight", dpi=100)
-    )
+    return _save(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight", dpi=100))
 
 
 # --------------------------------------------------------------------------- cluster grid
@@ -332,7 +318,7 @@ def cluster_grid(
             for j, i in enumerate(row_members[r]):
                 x0 = label_w + j * (tw + _PAD)
                 draw.text((x0, y0 + th), _fit(font, names[i], tw), fill=(60, 60, 60), font=font)
-    return _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    return _save(path, lambda f: img.save(f, format="PNG"))
 
 
 # --------------------------------------------------------------------------- per-cluster pages
@@ -432,7 +418,7 @@ def cluster_pages(
                 x0 = _PAD + (j % cols) * (tw + _PAD)
                 draw.text((x0, y0 + th), _fit(font, names[i], tw), fill=(60, 60, 60), font=font)
         path = os.path.join(folder, f"cluster_{c:0{width_digits}d}.png")
-        paths.append(_atomic_write(path, lambda tmp, img=img: img.save(tmp, format="PNG")))
+        paths.append(_save(path, lambda f, img=img: img.save(f, format="PNG")))
     return paths
 
 
@@ -459,4 +445,4 @@ def silhouette_plot(silhouettes: dict, chosen: int, path, *, title: str = "") ->
     ax.set_ylabel("silhouette")
     ax.set_title(title or "silhouette vs k")
     ax.grid(alpha=0.3)
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight", dpi=100))
+    return _save(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight", dpi=100))

@@ -12,6 +12,8 @@ import math
 import os
 from typing import Iterable, Mapping, Sequence
 
+from .files import atomic_output
+
 __all__ = ["format_value", "html_report"]
 
 _STYLE = """
@@ -110,8 +112,6 @@ def html_report(
         parts.append("</div>")
     parts.append("</body></html>")
     text = "\n".join(parts) + "\n"
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(path) as f:
         f.write(text)
-    os.replace(tmp, path)
     return path

@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from downstream.sampling import stratified_sample
 from downstream.settings import FinetuneSettings
-from pretext.base import Method
+from pretext.base import Method, weight_decay_groups
+from pretext.embeddings import prepare_batch
 
 CLASSIFIER_FORMAT = "sslpipe.classifier/1"
 HEAD_FILE = "head.safetensors"
@@ -41,13 +43,7 @@ def stratified_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.nd
         raise ValueError(f"label_fraction must lie in (0, 1], got {fraction}")
     if fraction == 1.0:
         return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    keep = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        count = max(1, int(round(fraction * len(members))))
-        keep.append(rng.choice(members, size=count, replace=False))
-    return np.sort(np.concatenate(keep))
+    return stratified_sample(labels, seed=seed, fraction=fraction, min_per_class=1)
 
 
 class ClassifierHead(nn.Sequential):
@@ -116,10 +112,10 @@ class Finetune(Method):
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Head at the stage's rate; in full mode the backbone at `backbone_lr_scale` of it (`lr_scale`)."""
-        groups = _decay_groups(self.head.parameters(), weight_decay)
+        groups = weight_decay_groups(self.head.parameters(), weight_decay)
         if not self.linear:
             scale = self.settings.backbone_lr_scale
-            groups += [{**g, "lr_scale": scale} for g in _decay_groups(self.backbone.parameters(), weight_decay)]
+            groups += [{**g, "lr_scale": scale} for g in weight_decay_groups(self.backbone.parameters(), weight_decay)]
         return groups
 
     def classifier(self) -> Classifier:
@@ -132,19 +128,6 @@ class Finetune(Method):
         save_head(target, self.head, num_classes=self.num_classes, class_ids=self.settings.class_ids,
                   mode=self.settings.mode, dropout=self.settings.head_dropout, feature_dim=self.feature_dim)
         return {}, {"classifier": str(target)}
-
-
-def _decay_groups(params, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for p in params:
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
 
 
 # -- classifier artifact ------------------------------------------------------------------------------
@@ -195,8 +178,6 @@ def predict_logits(model: nn.Module, images: np.ndarray, *, input_size: int, mea
                    std: Sequence[float], in_chans: int, input_transform: str = "rgb", batch_size: int = 512,
                    device: str | torch.device = "cpu") -> np.ndarray:
     """Logits (N, num_classes) float32 of uint8 images (N, C, H, W), with the evaluation transform."""
-    from downstream.embeddings import prepare_batch
-
     model.eval().to(device)
     out = []
     for start in range(0, len(images), batch_size):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from clustering import l2_normalize
+
 __all__ = ["knn_predict", "knn_accuracy"]
 
 # faiss' GPU flat index supports k up to this value; larger k falls back to CPU.
@@ -19,15 +21,15 @@ _GPU_MAX_K = 2048
 
 
 def _normalized(x, name: str) -> np.ndarray:
+    """Checked (N, D) input as C-contiguous float32 unit rows (what faiss takes)."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {x.shape}")
-    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN/inf values")
     # Zero rows stay zero (similarity 0 to everything) instead of becoming NaN.
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-    return x
+    return np.ascontiguousarray(l2_normalize(x))
 
 
 def _index(train: np.ndarray, k: int, use_gpu: bool | None):

@@ -104,9 +104,9 @@ def _prepare(queries: np.ndarray, gallery: np.ndarray, distance: str, whitening:
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"retrieval: queries {queries.shape} and gallery {gallery.shape} must be (N, D) with one D")
     if distance == "cosine":
-        def unit(v):
-            return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        queries, gallery = unit(queries), unit(gallery)
+        from clustering import l2_normalize
+
+        queries, gallery = l2_normalize(queries, dtype=np.float64), l2_normalize(gallery, dtype=np.float64)
     return queries, gallery
 
 

@@ -306,23 +306,11 @@ def _select(
 
 def _stratified_subset(idx: np.ndarray, labels: np.ndarray | None, k: int, seed: int) -> np.ndarray:
     """Seeded subset of `k` from `idx`; per-label quotas by largest remainder so class balance is kept."""
-    rng = np.random.default_rng(seed)
+    from downstream.sampling import stratified_sample
+
     if labels is None:
-        return np.sort(rng.choice(idx, size=k, replace=False))
-    values, counts = np.unique(labels, return_counts=True)
-    exact = counts * (k / counts.sum())
-    quota = np.floor(exact).astype(np.int64)
-    remainder = k - int(quota.sum())
-    if remainder:
-        # Largest fractional parts first; ties go to the smaller label (deterministic, seed-free).
-        order = np.lexsort((values, -(exact - quota)))
-        quota[order[:remainder]] += 1
-    picked = []
-    for value, q in zip(values, quota):
-        if q:
-            members = idx[labels == value]
-            picked.append(rng.choice(members, size=int(q), replace=False))
-    return np.sort(np.concatenate(picked))
+        labels = np.zeros(len(idx), dtype=np.int64)  # one class: a plain seeded draw of k
+    return np.sort(idx[stratified_sample(labels, k, seed)])
 
 
 def _resize_array(images: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:

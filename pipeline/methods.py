@@ -6,7 +6,6 @@ and never imported from a config string.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 
@@ -21,8 +20,9 @@ def method_class(name: str) -> type:
     registry = _registry()
     if name not in registry:
         raise KeyError(f"unknown method '{name}' (known: {', '.join(sorted(registry))})")
-    module_name, class_name = registry[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    from pretext.base import import_object
+
+    return import_object(registry[name])
 
 
 def build_method(name: str, backbone: Any, feature_dim: int, settings: Any, **kwargs: Any):

@@ -6,7 +6,6 @@ it. Configs never name classes; importing is deferred so that reading a config s
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 from pretext.settings import METHOD_SETTINGS, MethodSettings
@@ -43,8 +42,9 @@ def method_settings(name: str) -> type[MethodSettings]:
 def method_class(name: str) -> type["Method"]:
     if name not in METHODS:
         raise KeyError(f"unknown method '{name}' (known: {', '.join(method_names())})")
-    module_name, class_name = METHODS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    from pretext.base import import_object
+
+    return import_object(METHODS[name])
 
 
 def build_method(name: str, backbone: Any, feature_dim: int, settings: dict | MethodSettings, **kwargs: Any) -> "Method":

@@ -7,13 +7,37 @@ nothing about the objective: it hands the method a batch of images and gets back
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+import importlib
+from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from pretext.settings import MethodSettings
 from pretext.transforms import Normalize
+
+
+def import_object(spec: str) -> Any:
+    """The object named by ``"package.module:Name"`` (how the method and export registries name classes)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr or ":" in attr:
+        raise ValueError(f"expected 'package.module:Name', got {spec!r}")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def weight_decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups: ``weight_decay`` on weight matrices and kernels (ndim > 1), none on biases and norm
+    scales. Frozen parameters are left out, and so is a group that would be empty."""
+    decay, no_decay = [], []
+    for param in params:
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
 
 
 class Method(nn.Module):
@@ -85,15 +109,7 @@ class Method(nn.Module):
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Weight decay on weight matrices and kernels only; biases and norm scales are left alone."""
-        decay, no_decay = [], []
-        for param in self.parameters():
-            if not param.requires_grad:
-                continue
-            (decay if param.ndim > 1 else no_decay).append(param)
-        groups = [{"params": decay, "weight_decay": weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+        return weight_decay_groups(self.parameters(), weight_decay)
 
     def epoch_batches(
         self, images: Any, *, epoch: int, rank: int, world_size: int, batch_size: int, seed: int

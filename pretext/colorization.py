@@ -1,7 +1,7 @@
 """Colorization (Zhang, Isola, Efros 2016): predict the ab channels of CIE Lab from the L channel.
 
 The backbone sees only lightness (L*/100, what evaluation feeds it through
-``downstream.embeddings.lab_lightness``, to within 2e-5) and must infer colour, which needs semantics (skies are blue,
+``pretext.embeddings.lab_lightness``, to within 2e-5) and must infer colour, which needs semantics (skies are blue,
 grass green), so its features become useful without labels. As in the paper the output is a
 distribution over quantized ab bins, trained with soft targets and class rebalancing (otherwise
 desaturated greys dominate), and decoded with the annealed mean. A plain L2 regression on ab is

@@ -56,6 +56,7 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from torch import Tensor, nn
 
 from pretext.base import Method
+from pretext.embeddings import embed_images
 from pretext.settings import STMLSettings
 from pretext.transforms import SimCLRAugment
 
@@ -610,8 +611,6 @@ def embed_for_sampling(
     The evaluation transform (resize to ``input_size``, the method's normalization), the student's g
     head by default, as the authors' sampler; the method's train/eval mode is restored afterwards.
     """
-    from downstream.embeddings import embed_images
-
     model = method.embedder(head, copy_modules=False)
     if device is None:
         device = next(method.parameters()).device

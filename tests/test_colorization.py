@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from skimage import data
 from skimage.color import lab2rgb, rgb2lab
 
-from downstream.embeddings import lab_lightness, prepare_batch
+from pretext.embeddings import lab_lightness, prepare_batch
 from pipeline.backbones import build_backbone, load_backbone, read_backbone_meta, save_backbone
 from pretext import build_method
 from pretext.colorization import Colorization, in_gamut_ab_bins, lab_to_rgb, rgb_to_lab

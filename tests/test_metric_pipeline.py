@@ -39,7 +39,7 @@ def metric_run(ray_session, tmp_path_factory):
 
 
 def recall_at_1(model, images, labels, meta) -> float:
-    from downstream.embeddings import embed_images
+    from pretext.embeddings import embed_images
     from downstream.retrieval import retrieval_metrics
 
     x = embed_images(model, images, input_size=16, mean=meta["mean"], std=meta["std"], in_chans=3)

@@ -75,7 +75,7 @@ def test_side_by_side_retrieval_on_unseen_classes(stml_run):
 def test_evaluate_can_take_the_refined_backbone_without_its_head(stml_run):
     from pipeline.backbones import load_backbone, read_backbone_meta
     from pipeline.data import load_images
-    from downstream.embeddings import prepare_batch
+    from pretext.embeddings import prepare_batch
     from pipeline.evaluate import backbone_features
 
     out, summary = stml_run
