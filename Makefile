@@ -1,11 +1,11 @@
-# Two commands for a fresh machine:  make demo  |  make test   (both set up .venv first)
+# Two commands for a fresh machine:  make demo  |  make test   (both set up .venv first); make test-fast: no Ray
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sslpipe-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadscope
+
+# The tests that need no Ray (no `ray` mark, no ray_session fixture): the inner loop while editing.
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 --dist loadscope -m "not ray"
 
 bench: setup
 	$(BIN)/python bench/quality.py

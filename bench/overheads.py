@@ -54,7 +54,7 @@ def read_progress(path: Path) -> dict | None:
 
 
 def checkpoint_epoch(out: Path) -> int:
-    from pipeline.runner import latest_checkpoint_epoch
+    from pipeline.cache import latest_checkpoint_epoch
 
     epochs = [latest_checkpoint_epoch(str(p.parent), p.name) or 0 for p in (out / "ray").glob("*") if p.is_dir()]
     return max(epochs, default=0)

@@ -8,7 +8,6 @@ Loading rebuilds the module from the JSON and reads tensors only: nothing is eve
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from torch import nn
+
+from pipeline.store import move_dir_into_place
 
 ARTIFACT_FORMAT = "sslpipe.backbone/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -123,9 +124,7 @@ def save_backbone(
             **(provenance or {}),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        move_dir_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -176,8 +175,9 @@ def load_backbone(directory: str | os.PathLike, *, with_meta: bool = False, bare
     if meta.get("export"):
         if meta["export"] not in EXPORTED_MODULES:
             raise BackboneError(f"{path}: unknown exported module kind {meta['export']!r}")
-        module_name, func_name = EXPORTED_MODULES[meta["export"]].split(":")
-        rebuild_exported = getattr(importlib.import_module(module_name), func_name)
+        from pretext.base import import_object
+
+        rebuild_exported = import_object(EXPORTED_MODULES[meta["export"]])
         module = rebuild_exported(model, meta)
     try:
         module.load_state_dict(state, strict=True)

@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
-STAGE_THREAD_PREFIX = "sslpipe-stage"  # threads of concurrently running stages (pipeline.runner)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     output_dir = Path(args.output_dir or config.output_dir or Path("runs") / config.name)
 
-    from pipeline.runner import PipelineRun, results_table
+    from pipeline.runner import PipelineRun
     from pipeline.tracking import ui_command
 
     pipeline = PipelineRun(config, output_dir, force=args.force, rerun=args.rerun)
@@ -106,7 +105,7 @@ def _retrain(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     output_dir = Path(args.output_dir or config.output_dir or Path("runs") / config.name)
 
-    from pipeline.registry import retrain
+    from pipeline.retrain import retrain
 
     decision = retrain(config, output_dir)
     if decision["decision"] != "noop":
@@ -114,6 +113,29 @@ def _retrain(args: argparse.Namespace) -> int:
         print(f"'{decision['alias']}' of model '{decision['model_name']}' is version {decision['champion_after']}")
         print(f"summary: {output_dir / 'summary.json'}")
     return EXIT_OK
+
+
+TABLE_METRICS = ("loss", "images_per_sec", "accuracy", "top5_accuracy", "knn_accuracy", "recall_at_1", "map_at_r", "nmi",
+                 "ari", "cluster_accuracy", "heldout_pretext_accuracy", "heldout_ab_error", "stage_time_s")
+
+
+def results_table(summary: dict) -> str:
+    """A plain-text table: one row per stage, the headline metrics as columns."""
+    stages = summary.get("stages", {})
+    cols = [m for m in TABLE_METRICS if any(m in s["metrics"] for s in stages.values())]
+    header = ["stage", "kind"] + cols
+    rows = []
+    for name, s in stages.items():
+        row = [name, s.get("kind", "")]
+        for m in cols:
+            v = s["metrics"].get(m)
+            row.append("-" if v is None else (f"{v:.0f}" if m in ("images_per_sec", "stage_time_s") else f"{v:.4f}"))
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+    lines += [fmt.format(*r) for r in rows]
+    return "\n".join(lines)
 
 
 def plan_table(plans) -> str:
@@ -179,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are in summary.json; rerun the same command to continue", file=sys.stderr)
+        from pipeline.runner import STAGE_THREAD_PREFIX
+
         if any(t.is_alive() and t.name.startswith(STAGE_THREAD_PREFIX) for t in threading.enumerate()):
             _exit_past_stage_threads(130)
         return 130

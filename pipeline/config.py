@@ -11,10 +11,10 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from downstream.policies import PolicyError, validate_policies
 from pretext import REFINE_METHODS, method_names, method_settings
@@ -25,6 +25,24 @@ class ConfigError(Exception):
 
 
 Strict = StrictSettings  # same unknown-key behaviour as the method settings
+
+
+def execution_only(default: Any = ..., **kwargs: Any) -> Any:
+    """A field that changes how a stage runs, not what it computes: it stays out of the cache key, so
+    changing it reuses finished stages (see `result_settings`)."""
+    extra = dict(kwargs.pop("json_schema_extra", None) or {}, execution_only=True)
+    return Field(default, json_schema_extra=extra, **kwargs)
+
+
+def execution_only_fields(model: type[BaseModel]) -> set[str]:
+    return {name for name, info in model.model_fields.items()
+            if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("execution_only")}
+
+
+def result_settings(model: BaseModel) -> dict[str, Any]:
+    """The fields of a config model that change results: what cache keys are made of."""
+    return model.model_dump(mode="json", exclude=execution_only_fields(type(model)))
+
 
 
 class DataConfig(Strict):
@@ -62,13 +80,16 @@ class BackboneConfig(Strict):
 
 
 class RayConfig(Strict):
-    address: str | None = Field(None, description="attach to a running cluster; RAY_ADDRESS works too")
+    """Where and how training runs. `num_workers` and `use_gpu` change results (the per-rank batch, the
+    precision `auto` picks), so they are part of every training stage's cache key; the rest are not."""
+
+    address: str | None = execution_only(None, description="attach to a running cluster; RAY_ADDRESS works too")
     num_workers: int = Field(2, ge=1, le=4096)
     use_gpu: bool = False
-    resources_per_worker: dict[str, float] | None = None
-    max_failures: int = Field(0, ge=-1, description="-1: retry forever")
-    storage_path: str | None = Field(None, description="checkpoints; defaults to <output_dir>/ray")
-    local_metrics: bool = Field(
+    resources_per_worker: dict[str, float] | None = execution_only(None)
+    max_failures: int = execution_only(0, ge=-1, description="-1: retry forever")
+    storage_path: str | None = execution_only(None, description="checkpoints; defaults to <output_dir>/ray")
+    local_metrics: bool = execution_only(
         False, description="a local Ray (no address) collects Ray's own Prometheus metrics; off by default: its "
         "collectors cost about 2% of training speed on a 2-core machine, and only a Prometheus server shows them. "
         "A cluster keeps its own setting",
@@ -91,13 +112,28 @@ class OptimizerConfig(Strict):
 
 
 class StageBase(Strict):
+    """What every stage kind has. The class-level traits below are read by the graph and the cache; a new
+    stage kind sets them on its schema class and adds an executor in `pipeline.stages`."""
+
+    produces_backbone: ClassVar[bool] = False  # its result can be another stage's `input`
+    best_candidate: ClassVar[bool] = False  # `input: best` chooses among these stages
+    runs_in_waves: ClassVar[bool] = False  # independent neighbours of this kind may train concurrently
+    special_inputs: ClassVar[tuple[str, ...]] = ("best",)  # input values that name no stage
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
 
+    def uses_eval_split(self) -> bool:
+        """True when the stage reads the evaluation split (its fingerprint then covers that split)."""
+        return False
 
-class PretextStage(StageBase):
-    """Trains a backbone with a label-free method; produces a backbone artifact."""
 
-    kind: Literal["pretext"]
+class TrainingStage(StageBase):
+    """What every stage trained under Ray Train shares; each kind is a sibling subclass that adds its method
+    check and keys. Produces a backbone artifact."""
+
+    produces_backbone: ClassVar[bool] = True
+    allows_batch_augment: ClassVar[bool] = False  # mixup / cutmix need labels
+
     method: str
     input: str | None = Field(None, description="start from this stage's backbone instead of random init")
     epochs: int = Field(ge=1, le=100_000)
@@ -107,18 +143,45 @@ class PretextStage(StageBase):
         "auto", description="auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"
     )
     channels_last: bool = False
-    compile: bool = Field(
+    compile: bool = execution_only(
         False, description="torch.compile the backbone (Module.compile: same weights and state-dict keys); "
         "a one-off compile of 1-2 min that pays only on long runs: measure it (bench/speed.py)",
     )
-    checkpoint_every: int = Field(1, ge=1)
-    log_every_steps: int = Field(20, ge=1)
+    checkpoint_every: int = execution_only(1, ge=1)
+    log_every_steps: int = execution_only(20, ge=1)
     evaluate: bool = Field(True, description="kNN accuracy and k-means NMI of the backbone when labels exist")
     settings: dict[str, Any] = Field(default_factory=dict)
     augment: list[Any] = Field(
         default_factory=list,
         description="augmentation policies by name applied to every training batch before the method sees it",
     )
+
+    def uses_eval_split(self) -> bool:
+        return bool(self.evaluate)
+
+    @model_validator(mode="after")
+    def _validate_augment(self) -> "TrainingStage":
+        try:
+            self.augment = validate_policies(self.augment, allow_batch=self.allows_batch_augment)
+        except PolicyError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    def _validated_settings(self, model: type[BaseModel]) -> None:
+        try:
+            validated = model.model_validate(self.settings)
+        except ValidationError as err:
+            raise ValueError(_format_errors(err, prefix="settings")) from None
+        self.settings = validated.model_dump(mode="json")
+
+
+class PretextStage(TrainingStage):
+    """Trains a backbone with a label-free method; produces a backbone artifact."""
+
+    best_candidate: ClassVar[bool] = True
+    runs_in_waves: ClassVar[bool] = True
+
+    kind: Literal["pretext"]
 
     @field_validator("method")
     @classmethod
@@ -133,24 +196,14 @@ class PretextStage(StageBase):
 
     @model_validator(mode="after")
     def _validate_settings(self) -> "PretextStage":
-        try:
-            validated = method_settings(self.method).model_validate(self.settings)
-        except ValidationError as err:
-            raise ValueError(_format_errors(err, prefix="settings")) from None
-        self.settings = validated.model_dump(mode="json")
-        return self
-
-    @model_validator(mode="after")
-    def _validate_augment(self) -> "PretextStage":
-        try:
-            self.augment = validate_policies(self.augment, allow_batch=self.kind == "finetune")
-        except PolicyError as err:
-            raise ValueError(str(err)) from None
+        self._validated_settings(method_settings(self.method))
         return self
 
 
-class RefineStage(PretextStage):
+class RefineStage(TrainingStage):
     """Refines an existing backbone without labels (STML); produces a backbone artifact with its embedding head."""
+
+    best_candidate: ClassVar[bool] = True
 
     kind: Literal["refine"]
     method: str = "stml"
@@ -164,8 +217,13 @@ class RefineStage(PretextStage):
             raise ValueError(f"unknown refine method '{value}' (known: {', '.join(REFINE_METHODS)})")
         return value
 
+    @model_validator(mode="after")
+    def _validate_settings(self) -> "RefineStage":
+        self._validated_settings(method_settings(self.method))
+        return self
 
-class MetricStage(PretextStage):
+
+class MetricStage(TrainingStage):
     """Supervised metric learning on the training split's labels; produces an embedder artifact (backbone + head).
 
     Starts from `input` (a stage's backbone or 'best') or a random init. Retrieval (Recall@1/2/4/8, MAP@R)
@@ -178,26 +236,23 @@ class MetricStage(PretextStage):
     evaluate: bool = Field(False, description="kNN accuracy and k-means NMI (meaningless when eval classes are unseen)")
     retrieval: bool = Field(True, description="Recall@1/2/4/8 and MAP@R, leave-one-out on the evaluation split")
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        return value
+    def uses_eval_split(self) -> bool:
+        return bool(self.evaluate or self.retrieval)
 
     @model_validator(mode="after")
     def _validate_settings(self) -> "MetricStage":
         from downstream.settings import MetricSettings
 
-        try:
-            validated = MetricSettings.model_validate(self.settings)
-        except ValidationError as err:
-            raise ValueError(_format_errors(err, prefix="settings")) from None
-        self.settings = validated.model_dump(mode="json")
+        self._validated_settings(MetricSettings)
         return self
 
 
-class FinetuneStage(PretextStage):
+class FinetuneStage(TrainingStage):
     """Trains a classifier on a labeled share of the training split: a linear probe on the frozen backbone
     (`mode: linear`) or everything (`mode: full`). Produces a classifier and a backbone artifact."""
+
+    allows_batch_augment: ClassVar[bool] = True
+    special_inputs: ClassVar[tuple[str, ...]] = ("best", "random")
 
     kind: Literal["finetune"]
     method: str = "finetune"
@@ -212,6 +267,9 @@ class FinetuneStage(PretextStage):
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0, description="mode full: backbone lr = this x optimizer.lr")
     head_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     evaluate: bool = Field(False, description="also kNN accuracy and k-means NMI of the fine-tuned backbone")
+
+    def uses_eval_split(self) -> bool:
+        return True  # test accuracy
 
     @field_validator("method")
     @classmethod
@@ -241,6 +299,8 @@ class FinetuneStage(PretextStage):
 class EvaluateStage(StageBase):
     """Embeds the evaluation split with a backbone: kNN accuracy, retrieval, k-means metrics, plots, report."""
 
+    special_inputs: ClassVar[tuple[str, ...]] = ("best", "pixels")
+
     class ChooseK(Strict):
         """Range of k tried when `clusters: auto`; the k with the best silhouette wins."""
 
@@ -259,7 +319,7 @@ class EvaluateStage(StageBase):
         "embedding", description="embedding: what the input artifact embeds with (a refine or metric stage's head "
         "included); backbone: its backbone's pooled features alone, e.g. an STML-refined backbone without f",
     )
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = execution_only(512, ge=1, description="images per embedding batch")
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.1, gt=0.0)
     clusters: int | Literal["auto"] | None = Field(
@@ -291,6 +351,9 @@ class EvaluateStage(StageBase):
     grid_per_cluster: int = Field(12, ge=1, le=100)
     cluster_page_images: int = Field(48, ge=1, le=400, description="images on each per-cluster page")
     html_report: bool = Field(True, description="report.html: metrics, plots and cluster pages, no external files")
+
+    def uses_eval_split(self) -> bool:
+        return True
 
     @field_validator("clusters", mode="before")
     @classmethod
@@ -324,10 +387,10 @@ class EvaluateStage(StageBase):
         return self
 
 
-Stage = Annotated[Union[PretextStage, RefineStage, FinetuneStage, MetricStage, EvaluateStage], Field(discriminator="kind")]
-STAGE_KINDS = ("pretext", "refine", "finetune", "metric", "evaluate")
-# Stage kinds whose result is a backbone artifact (usable as another stage's `input`).
-BACKBONE_KINDS: tuple[str, ...] = ("pretext", "refine", "finetune", "metric")
+# Every stage kind: one schema class each (an executor in `pipeline.stages` runs it).
+STAGE_TYPES: tuple[type[StageBase], ...] = (PretextStage, RefineStage, FinetuneStage, MetricStage, EvaluateStage)
+Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]
+STAGE_KINDS: tuple[str, ...] = tuple(get_args(t.model_fields["kind"].annotation)[0] for t in STAGE_TYPES)
 
 
 class SelectionConfig(Strict):
@@ -368,26 +431,25 @@ class PipelineConfig(Strict):
                 raise ValueError(f"stage name '{stage.name}' is used twice")
             inp = getattr(stage, "input", None)
             if inp == "best":
-                if "pretext" not in seen.values():
+                if not any(s.best_candidate for s in seen.values()):
                     raise ValueError(f"stage '{stage.name}': input 'best' needs an earlier pretext stage")
-            elif inp == "random":
-                if stage.kind != "finetune":
-                    raise ValueError(f"stage '{stage.name}': input 'random' (a random-init backbone) is for "
-                                     f"finetune stages; omit input for a fresh backbone")
-            elif inp is not None and inp != "pixels":
+            elif inp == "random" and inp not in stage.special_inputs:
+                raise ValueError(f"stage '{stage.name}': input 'random' (a random-init backbone) is for "
+                                 f"finetune stages; omit input for a fresh backbone")
+            elif inp == "pixels" and inp not in stage.special_inputs:
+                raise ValueError(f"stage '{stage.name}': 'pixels' is an evaluation baseline, not a backbone")
+            elif inp is not None and inp not in stage.special_inputs:
                 if inp not in seen:
                     raise ValueError(
                         f"stage '{stage.name}': input '{inp}' is not an earlier stage "
                         f"(earlier stages: {', '.join(seen) or 'none'})"
                     )
-                if seen[inp] not in BACKBONE_KINDS:
+                if not seen[inp].produces_backbone:
                     raise ValueError(f"stage '{stage.name}': input '{inp}' does not produce a backbone")
-            if stage.kind in BACKBONE_KINDS and inp == "pixels":
-                raise ValueError(f"stage '{stage.name}': 'pixels' is an evaluation baseline, not a backbone")
-            seen[stage.name] = stage.kind
+            seen[stage.name] = stage
         wanted = self.registry.stage
-        if wanted is not None and seen.get(wanted) not in BACKBONE_KINDS:
-            backbones = [name for name, kind in seen.items() if kind in BACKBONE_KINDS]
+        if wanted is not None and not (wanted in seen and seen[wanted].produces_backbone):
+            backbones = [name for name, s in seen.items() if s.produces_backbone]
             raise ValueError(f"registry.stage: '{wanted}' is not a stage that produces a backbone "
                              f"(those are: {', '.join(backbones) or 'none'})")
         return self
@@ -396,13 +458,13 @@ class PipelineConfig(Strict):
         """The stage whose backbone goes to the model registry: configured, else the last backbone stage."""
         if self.registry.stage:
             return self.registry.stage
-        backbones = [s.name for s in self.stages if s.kind in BACKBONE_KINDS]
+        backbones = [s.name for s in self.stages if s.produces_backbone]
         return backbones[-1] if backbones else None
 
     def model_name(self) -> str:
         return self.registry.model_name or self.name
 
-    def stage(self, name: str) -> PretextStage | MetricStage | EvaluateStage:
+    def stage(self, name: str) -> StageBase:
         for stage in self.stages:
             if stage.name == name:
                 return stage

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
+from pipeline.config import EvaluateStage
 from pipeline.data import ImageSet
 
 
@@ -22,7 +23,7 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
 
 def backbone_features(artifact: Path, images: np.ndarray, batch_size: int, *, bare: bool = False) -> np.ndarray:
     """Embeddings of `images` by the artifact's exported module, or by its backbone alone with `bare`."""
-    from downstream.embeddings import embed_images
+    from pretext.embeddings import embed_images
     from pipeline.backbones import load_backbone
 
     model, meta = load_backbone(artifact, with_meta=True, bare=bare)
@@ -54,14 +55,14 @@ def quick_evaluate(artifact: Path, train: ImageSet, evalset: ImageSet, *, k: int
     }
 
 
-def _retrieval(stage: dict[str, Any], train_x: np.ndarray, train: ImageSet, eval_x: np.ndarray,
+def _retrieval(stage: EvaluateStage, train_x: np.ndarray, train: ImageSet, eval_x: np.ndarray,
                evalset: ImageSet, log: Callable[[str], None]) -> dict[str, float]:
     """Retrieval metrics of the evaluation split: leave-one-out, or eval queries against the train split."""
     from downstream.retrieval import relevant_counts, retrieval_metrics
 
-    name = stage["name"]
-    gallery = stage.get("retrieval_gallery", "eval")
-    distance = stage.get("retrieval_distance", "cosine")
+    name = stage.name
+    gallery = stage.retrieval_gallery
+    distance = stage.retrieval_distance
     if gallery == "train" and train.labels is None:
         log(f"[{name}] retrieval against the train split skipped: the train split has no labels")
         return {}
@@ -71,10 +72,10 @@ def _retrieval(stage: dict[str, Any], train_x: np.ndarray, train: ImageSet, eval
         log(f"[{name}] retrieval skipped: the evaluation split {why}")
         return {}
     metrics = retrieval_metrics(
-        eval_x, evalset.labels, ks=stage.get("recall_at"), metric=distance,
+        eval_x, evalset.labels, ks=stage.recall_at, metric=distance,
         gallery_features=train_x if gallery == "train" else None,
         gallery_labels=train.labels if gallery == "train" else None,
-        train_features=train_x, shrinkage=stage.get("mahalanobis_shrinkage", "auto"),
+        train_features=train_x, shrinkage=stage.mahalanobis_shrinkage,
     )
     recalls = sorted((k for k in metrics if k.startswith("recall_at_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     shown = recalls + ["r_precision", "map_at_r", "map"]
@@ -83,23 +84,23 @@ def _retrieval(stage: dict[str, Any], train_x: np.ndarray, train: ImageSet, eval
     return metrics
 
 
-def _two_d_plot(method: str, feats: np.ndarray, assignments: np.ndarray, evalset: ImageSet, stage: dict[str, Any],
+def _two_d_plot(method: str, feats: np.ndarray, assignments: np.ndarray, evalset: ImageSet, stage: EvaluateStage,
                 out_dir: Path, seed: int) -> tuple[str, float]:
     from clustering import embedding_2d, scatter_plot
 
     t0 = time.time()
-    coords, kept = embedding_2d(feats, method=method, max_points=stage["tsne_points"], seed=seed)
+    coords, kept = embedding_2d(feats, method=method, max_points=stage.tsne_points, seed=seed)
     colorings = {"cluster": assignments[kept]}
     if evalset.labels is not None:
         colorings = {"label": evalset.labels[kept], **colorings}
     label = {"tsne": "t-SNE", "umap": "UMAP"}[method]
     plot = scatter_plot(coords, colorings, out_dir / f"{method}.png",
-                        title=f"{stage['name']}: {label} of {len(kept)} images")
+                        title=f"{stage.name}: {label} of {len(kept)} images")
     return str(plot), time.time() - t0
 
 
 def evaluate(
-    stage: dict[str, Any],
+    stage: EvaluateStage,
     *,
     artifact: Path | None,
     train: ImageSet,
@@ -118,7 +119,7 @@ def evaluate(
     from downstream.knn import knn_accuracy
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = stage["name"]
+    name = stage.name
     metrics: dict[str, float] = {}
     artifacts: dict[str, str] = {}
     figures: list[tuple[str, str]] = []
@@ -128,11 +129,11 @@ def evaluate(
     if artifact is None:
         train_x, eval_x = pixel_features(train.images), pixel_features(evalset.images)
     else:
-        bare = stage.get("features", "embedding") == "backbone"
+        bare = stage.features == "backbone"
         if bare:
             log(f"[{name}] features: the backbone's pooled features alone (an embedding head, if any, left out)")
-        train_x = backbone_features(artifact, train.images, stage["batch_size"], bare=bare)
-        eval_x = backbone_features(artifact, evalset.images, stage["batch_size"], bare=bare)
+        train_x = backbone_features(artifact, train.images, stage.batch_size, bare=bare)
+        eval_x = backbone_features(artifact, evalset.images, stage.batch_size, bare=bare)
     metrics["embed_time_s"] = time.time() - t0
     log(f"[{name}] embedded {len(train_x)} + {len(eval_x)} images ({eval_x.shape[1]}-d) in {metrics['embed_time_s']:.1f}s")
 
@@ -142,22 +143,22 @@ def evaluate(
     )
     if shared_classes:  # with disjoint classes (unseen-class protocol) a kNN vote cannot be right
         metrics["knn_accuracy"] = knn_accuracy(
-            train_x, train.labels, eval_x, evalset.labels, k=stage["knn_k"], temperature=stage["knn_temperature"]
+            train_x, train.labels, eval_x, evalset.labels, k=stage.knn_k, temperature=stage.knn_temperature
         )
-        log(f"[{name}] kNN accuracy (k={stage['knn_k']}, t={stage['knn_temperature']}): {metrics['knn_accuracy']:.4f}")
+        log(f"[{name}] kNN accuracy (k={stage.knn_k}, t={stage.knn_temperature}): {metrics['knn_accuracy']:.4f}")
 
-    if stage.get("retrieval") and evalset.labels is not None:
+    if stage.retrieval and evalset.labels is not None:
         t0 = time.time()
         metrics.update(_retrieval(stage, train_x, train, eval_x, evalset, log))
         metrics["retrieval_time_s"] = time.time() - t0
 
-    spherical = bool(stage.get("spherical_kmeans", False))
+    spherical = bool(stage.spherical_kmeans)
     feats = l2_normalize(eval_x)
     t0 = time.time()
-    if stage["clusters"] == "auto":
-        rng = stage.get("choose_k") or {"min": 2, "max": 20}
-        chosen = choose_k(feats, rng["min"], min(rng["max"], len(eval_x) - 1), spherical=spherical,
-                          niter=stage["kmeans_iterations"], seed=seed)
+    if stage.clusters == "auto":
+        rng = stage.choose_k or EvaluateStage.ChooseK()
+        chosen = choose_k(feats, rng.min, min(rng.max, len(eval_x) - 1), spherical=spherical,
+                          niter=stage.kmeans_iterations, seed=seed)
         k, km = chosen.k, chosen.result
         metrics["silhouette"] = chosen.silhouettes[k]
         plot = silhouette_plot(chosen.silhouettes, k, out_dir / "silhouette_vs_k.png",
@@ -168,9 +169,9 @@ def evaluate(
         log(f"[{name}] chose k={k} by silhouette over k={min(chosen.silhouettes)}..{max(chosen.silhouettes)}: "
             + "  ".join(f"{kk}:{v:.3f}" for kk, v in chosen.silhouettes.items()))
     else:
-        k = stage["clusters"] or (len(np.unique(evalset.labels)) if evalset.labels is not None else 10)
+        k = stage.clusters or (len(np.unique(evalset.labels)) if evalset.labels is not None else 10)
         k = min(k, len(eval_x))
-        km = kmeans(feats, k, niter=stage["kmeans_iterations"], nredo=stage.get("kmeans_restarts", 1), seed=seed,
+        km = kmeans(feats, k, niter=stage.kmeans_iterations, nredo=stage.kmeans_restarts, seed=seed,
                     spherical=spherical)
     metrics["kmeans_time_s"] = time.time() - t0
     metrics["kmeans_inertia"] = float(km.inertia)
@@ -189,24 +190,24 @@ def evaluate(
     artifacts["assignments"] = str(assignments)
     class_names = _class_names(evalset)
     grid = cluster_grid(evalset.images, km.assignments, km.distances, out_dir / "cluster_grid.png",
-                        per_cluster=stage["grid_per_cluster"], clusters=range(k), class_names=class_names)
+                        per_cluster=stage.grid_per_cluster, clusters=range(k), class_names=class_names)
     artifacts["cluster_grid"] = str(grid)
     figures.append(("clusters: the members nearest each centroid", str(grid)))
     for stale in (out_dir / "clusters").glob("cluster_*.png"):  # a rerun with fewer clusters
         stale.unlink()
     pages = cluster_pages(evalset.images, km.assignments, km.distances, out_dir / "clusters", clusters=range(k),
-                          per_page=stage.get("cluster_page_images", 48), class_names=class_names)
+                          per_page=stage.cluster_page_images, class_names=class_names)
     artifacts["clusters"] = str(out_dir / "clusters")
     np.save(out_dir / "embeddings.npy", eval_x)
     artifacts["embeddings"] = str(out_dir / "embeddings.npy")
     np.save(out_dir / "centroids.npy", km.centroids)
     artifacts["centroids"] = str(out_dir / "centroids.npy")
 
-    if stage["tsne"]:
+    if stage.tsne:
         artifacts["tsne"], metrics["tsne_time_s"] = _two_d_plot("tsne", feats, km.assignments, evalset, stage,
                                                                 out_dir, seed)
         figures.append(("t-SNE", artifacts["tsne"]))
-    if stage.get("umap"):
+    if stage.umap:
         try:
             artifacts["umap"], metrics["umap_time_s"] = _two_d_plot("umap", feats, km.assignments, evalset, stage,
                                                                     out_dir, seed)
@@ -217,7 +218,7 @@ def evaluate(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     artifacts["metrics"] = str(out_dir / "metrics.json")
 
-    if stage.get("html_report", True):
+    if stage.html_report:
         from clustering import html_report
 
         source = "raw pixels" if artifact is None else f"backbone {artifact}"

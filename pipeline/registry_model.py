@@ -18,7 +18,7 @@ class BackboneEmbedder(PythonModel):
         self.model, self.meta = load_backbone(context.artifacts["backbone"], with_meta=True)
 
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        from downstream.embeddings import embed_images
+        from pretext.embeddings import embed_images
 
         images = np.asarray(model_input)
         if images.ndim == 3:  # a grayscale batch (N, H, W)

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from downstream.embeddings import match_channels
+from pipeline.faults import FaultHooks
+from pipeline.store import replace_dir_atomic
+from pretext.embeddings import match_channels
 
 STATE_FILE = "state.safetensors"
 OPTIM_FILE = "optimizer.pt"
@@ -52,12 +54,6 @@ class TrainJob:
 
 NON_FINITE_MARKER = "non_finite_loss.json"  # written by rank 0 into the Ray Train run folder
 
-# Test hooks, read from the driver's environment when a stage starts and passed to every worker.
-HOOK_PROGRESS_FILE = "SSLPIPE_TEST_PROGRESS_FILE"  # each rank writes {pid, epoch, step} to <file>.rank<r> every step
-HOOK_STEP_SLEEP = "SSLPIPE_TEST_STEP_SLEEP"  # seconds to sleep after every step (to interrupt mid-epoch)
-HOOK_NAN_AT_EPOCH = "SSLPIPE_TEST_NAN_AT_EPOCH"  # the loss becomes NaN in this (1-based) epoch
-TEST_HOOKS = (HOOK_PROGRESS_FILE, HOOK_STEP_SLEEP, HOOK_NAN_AT_EPOCH)
-
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf: the stage stops and the last good checkpoint is kept."""
@@ -70,14 +66,6 @@ def _all_finite(loss: torch.Tensor, world: int) -> bool:
         value = value.clone()
         torch.distributed.all_reduce(value)  # NaN/inf on any rank makes the sum non-finite
     return bool(torch.isfinite(value).all())
-
-
-def _write_progress_hook(path: str, rank: int, epoch: int, step: int, start_epoch: int) -> None:
-    target = Path(f"{path}.rank{rank}")
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "epoch": epoch, "step": step,
-                               "start_epoch": start_epoch, "time": time.time()}))
-    os.replace(tmp, target)
 
 
 def _write_marker(info: dict[str, Any]) -> None:
@@ -272,30 +260,56 @@ def load_checkpoint(directory: Path, method, optimizer, scheduler) -> dict:
     return json.loads((directory / PROGRESS_FILE).read_text())
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point (one per worker)."""
+@dataclass
+class Worker:
+    """One Ray Train worker's training state, built by `setup_worker`."""
+
+    job: TrainJob
+    rank: int
+    world: int
+    device: torch.device
+    images: np.ndarray  # read-only uint8 (N, C, H, W) from the object store
+    labels: np.ndarray | None
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    method: Any  # the unwrapped method
+    feature_dim: int
+    image_augment: Any
+    batch_mix: Any
+    sampler: Any
+    local_batch: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    start_epoch: int
+    use_amp: bool
+    hooks: FaultHooks | None
+
+    @property
+    def stage(self) -> dict[str, Any]:
+        return self.job.stage
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage["epochs"] * self.steps_per_epoch
+
+
+def setup_worker(job: TrainJob, hooks: FaultHooks | None) -> Worker:
+    """Seeds, data, method (DDP-wrapped), batch sizes, optimizer and schedule; resumed from Ray's checkpoint."""
     import ray
     import ray.train
     import ray.train.torch
     from torch.utils.data import DistributedSampler
 
-    import logging
+    from downstream.augment import build_augment
 
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every fallback at INFO
-    job = TrainJob(**config["job"])
     stage = job.stage
-    hooks = config.get("hooks") or {}
-    progress_hook = hooks.get(HOOK_PROGRESS_FILE)
-    step_sleep = float(hooks.get(HOOK_STEP_SLEEP) or 0)
-    nan_epoch = int(hooks.get(HOOK_NAN_AT_EPOCH) or 0)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(job.seed * 1000 + rank)
     np.random.seed(job.seed * 1000 + rank)
 
-    images = ray.get(job.data[0])  # read-only uint8 (N, C, H, W) from the object store
-    num_images = len(images)
+    images = ray.get(job.data[0])
     method, feature_dim = build_stage_method(job, device)
     labels = None
     if getattr(method, "needs_labels", False):
@@ -303,8 +317,6 @@ def train_worker(config: dict[str, Any]) -> None:
             raise ValueError(f"stage '{stage['name']}': method '{stage['method']}' needs labels")
         labels = np.asarray(ray.get(job.labels[0]), dtype=np.int64)
     # Stage-level `augment:` policies: per-image ones on the uint8 batch, mixup/cutmix with the labels.
-    from downstream.augment import build_augment
-
     image_augment, batch_mix = build_augment(stage.get("augment"), num_classes=getattr(method, "num_classes", None),
                                              allow_batch=labels is not None)
     if world > 1 and method.wants_sync_batchnorm():
@@ -314,24 +326,19 @@ def train_worker(config: dict[str, Any]) -> None:
     if labels is not None:
         raw.set_train_labels(labels)
 
-    sampler = DistributedSampler(range(num_images), num_replicas=world, rank=rank, shuffle=True, seed=job.seed, drop_last=True)
-    local_batch = max(2, stage["batch_size"] // world)
-    if len(sampler) < local_batch:
-        local_batch = len(sampler)
-    steps_per_epoch = len(sampler) // local_batch
+    sampler = DistributedSampler(range(len(images)), num_replicas=world, rank=rank, shuffle=True, seed=job.seed,
+                                 drop_last=True)
+    local_batch = min(max(2, stage["batch_size"] // world), len(sampler))
+    steps_per_epoch = len(sampler) // local_batch if local_batch else 0
     if steps_per_epoch < 1 or local_batch < 2:
-        raise ValueError(
-            f"stage '{stage['name']}': {num_images} images are too few for {world} workers "
-            f"(need at least 2 per worker and batch)"
-        )
-    epochs = stage["epochs"]
-    total_steps = epochs * steps_per_epoch
+        raise ValueError(f"stage '{stage['name']}': {len(images)} images are too few for {world} workers "
+                         f"(need at least 2 per worker and batch)")
+    total_steps = stage["epochs"] * steps_per_epoch
     opt_cfg = stage["optimizer"]
     optimizer = build_optimizer(raw.parameter_groups(opt_cfg["weight_decay"]), opt_cfg)
     warmup = int(round(opt_cfg["warmup_epochs"] * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, opt_cfg["min_lr_ratio"])
-    )
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, opt_cfg["min_lr_ratio"]))
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
@@ -340,114 +347,134 @@ def train_worker(config: dict[str, Any]) -> None:
             progress = load_checkpoint(Path(ckpt_dir), raw, optimizer, scheduler)
         start_epoch = progress["epoch"] + 1
         if rank == 0:
-            print(f"[{stage['name']}] resumed from checkpoint after epoch {start_epoch}/{epochs}", flush=True)
-
+            print(f"[{stage['name']}] resumed from checkpoint after epoch {start_epoch}/{stage['epochs']}", flush=True)
     use_amp = resolve_precision(stage["precision"], device) == "bf16"
-    in_chans = batch_channels(raw, job.backbone)
-    memory_format = torch.channels_last if stage["channels_last"] else torch.contiguous_format
-    pin = device.type == "cuda"
-    tag = f"[{stage['name']}]"
-    stage_start = time.time()
-    steps_done_here = 0
-    if rank == 0:
-        print(
-            f"{tag} {world} worker(s) on {device.type}, precision {'bf16' if use_amp else 'fp32'}"
-            f"{', channels_last' if stage['channels_last'] else ''}{', compiled' if stage.get('compile') else ''}, "
-            f"{num_images} images, "
-            f"batch {local_batch}x{world}, {steps_per_epoch} steps/epoch",
-            flush=True,
-        )
+    return Worker(job, rank, world, device, images, labels, model, raw, feature_dim, image_augment, batch_mix,
+                  sampler, local_batch, steps_per_epoch, optimizer, scheduler, start_epoch, use_amp, hooks)
 
-    for epoch in range(start_epoch, epochs):
-        batches = raw.epoch_batches(images, epoch=epoch, rank=rank, world_size=world, batch_size=local_batch,
-                                    seed=job.seed)
-        if batches is None:
-            sampler.set_epoch(epoch)
-            order = np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler))
-            batches = [np.sort(order[s * local_batch : (s + 1) * local_batch]) for s in range(steps_per_epoch)]
-        model.train()
+
+def epoch_batches(w: Worker, epoch: int) -> list[np.ndarray]:
+    """This rank's index batches: the method's own (e.g. STML's neighbourhoods) or a reshuffled split."""
+    batches = w.method.epoch_batches(w.images, epoch=epoch, rank=w.rank, world_size=w.world,
+                                     batch_size=w.local_batch, seed=w.job.seed)
+    if batches is None:
+        w.sampler.set_epoch(epoch)
+        order = np.fromiter(iter(w.sampler), dtype=np.int64, count=len(w.sampler))
+        batches = [np.sort(order[s * w.local_batch:(s + 1) * w.local_batch]) for s in range(w.steps_per_epoch)]
+    return batches
+
+
+def train_step(w: Worker, idx: np.ndarray, epoch: int, step: int) -> dict[str, Any] | None:
+    """One optimizer step on the images `idx`; None when the loss is not finite on some rank (stop)."""
+    batch = torch.from_numpy(w.images[idx])
+    if w.image_augment:
+        batch = w.image_augment(batch)
+    if w.device.type == "cuda":
+        batch = batch.pin_memory()
+    x = batch.to(w.device, non_blocking=True).float().div_(255.0)
+    x = match_channels(x, batch_channels(w.method, w.job.backbone))
+    y = None
+    if w.labels is not None:
+        y = torch.from_numpy(w.labels[idx]).to(w.device, non_blocking=True)
+        x, y = w.batch_mix(x, y)  # identity without mixup/cutmix; else soft targets
+    x = x.contiguous(memory_format=torch.channels_last if w.stage["channels_last"] else torch.contiguous_format)
+    with torch.autocast(device_type=w.device.type, dtype=torch.bfloat16, enabled=w.use_amp):
+        out = w.model(x) if y is None else w.model(x, y)
+    loss = w.hooks.poison(out["loss"], epoch) if w.hooks else out["loss"]
+    if not _all_finite(loss, w.world):
+        # Stop cleanly instead of raising: Ray Train would retry a worker error up to max_failures
+        # times and hit the same loss again. The driver turns the marker into NonFiniteLossError.
+        if w.rank == 0:
+            _write_marker({"epoch": epoch + 1, "step": step + 1, "loss": float(loss.detach().float())})
+        return None
+    w.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    w.optimizer.step()
+    w.scheduler.step()
+    global_step = epoch * w.steps_per_epoch + step
+    w.method.after_optimizer_step(min(1.0, (global_step + 1) / w.total_steps))
+    if w.hooks:
+        w.hooks.after_step(w.rank, epoch + 1, step + 1, w.start_epoch)
+    return out
+
+
+def epoch_metrics(w: Worker, sums: dict[str, torch.Tensor], steps: int, images: int, seconds: float,
+                  epoch: int) -> dict[str, float]:
+    """Step means averaged over ranks, plus throughput, memory and the learning rate."""
+    means = {k: (v / max(1, steps)) for k, v in sums.items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        keys = sorted(means)
+        stacked = torch.stack([means[k].to(w.device) for k in keys])
+        torch.distributed.all_reduce(stacked)
+        means = {k: stacked[i] / w.world for i, k in enumerate(keys)}
+    metrics = {k: float(v) for k, v in means.items()}
+    metrics.update(peak_memory_mb=peak_memory_mb(w.device), epoch=epoch + 1,
+                   lr=float(w.scheduler.get_last_lr()[0]), images_per_sec=images * w.world / max(seconds, 1e-9),
+                   epoch_time_s=seconds)
+    return metrics
+
+
+def report_epoch(w: Worker, metrics: dict[str, float], epoch: int) -> None:
+    """Log the epoch to MLflow (rank 0) and report it to Ray Train, with a checkpoint when one is due."""
+    import ray.train
+
+    if w.rank == 0:
+        _log_mlflow(w.job.tracking_uri, w.job.run_id, metrics, step=epoch + 1)
+    if (epoch + 1) % w.stage["checkpoint_every"] and epoch + 1 != w.stage["epochs"]:
+        ray.train.report(metrics)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="sslpipe-ckpt-"))
+    try:
+        ckpt = None
+        if w.rank == 0:
+            progress = {"epoch": epoch, "metrics": metrics, "resumed_at_epoch": w.start_epoch}
+            save_checkpoint(tmp, w.method, w.optimizer, w.scheduler, progress, w.job, w.feature_dim)
+            ckpt = ray.train.Checkpoint.from_directory(str(tmp))
+        ray.train.report(metrics, checkpoint=ckpt)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_start(w: Worker) -> None:
+    s = w.stage
+    print(f"[{s['name']}] {w.world} worker(s) on {w.device.type}, precision {'bf16' if w.use_amp else 'fp32'}"
+          f"{', channels_last' if s['channels_last'] else ''}{', compiled' if s.get('compile') else ''}, "
+          f"{len(w.images)} images, batch {w.local_batch}x{w.world}, {w.steps_per_epoch} steps/epoch", flush=True)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point (one per worker): set up, then train epoch by epoch, reporting each."""
+    import logging
+
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every fallback at INFO
+    hooks = FaultHooks(**config["hooks"]) if config.get("hooks") else None
+    w = setup_worker(TrainJob(**config["job"]), hooks)
+    epochs, tag = w.stage["epochs"], f"[{w.stage['name']}]"
+    if w.rank == 0:
+        _print_start(w)
+    stage_start, steps_done = time.time(), 0
+    for epoch in range(w.start_epoch, epochs):
+        batches = epoch_batches(w, epoch)
+        w.model.train()
         sums: dict[str, torch.Tensor] = {}
-        epoch_start = time.time()
-        epoch_images = 0
+        epoch_start, epoch_images = time.time(), 0
         for step, idx in enumerate(batches):
-            batch = torch.from_numpy(images[idx])
-            if image_augment:
-                batch = image_augment(batch)
-            if pin:
-                batch = batch.pin_memory()
-            x = batch.to(device, non_blocking=True).float().div_(255.0)
-            x = match_channels(x, in_chans)
-            if labels is not None:
-                y = torch.from_numpy(labels[idx]).to(device, non_blocking=True)
-                x, y = batch_mix(x, y)  # identity without mixup/cutmix; else soft targets
-            x = x.contiguous(memory_format=memory_format)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(x) if labels is None else model(x, y)
-            loss = out["loss"]
-            if nan_epoch == epoch + 1:
-                loss = loss * float("nan")
-            if not _all_finite(loss, world):
-                # Stop cleanly instead of raising: Ray Train would retry a worker error up to max_failures
-                # times and hit the same loss again. The driver turns the marker into NonFiniteLossError.
-                if rank == 0:
-                    _write_marker({"epoch": epoch + 1, "step": step + 1, "loss": float(loss.detach().float())})
+            out = train_step(w, idx, epoch, step)
+            if out is None:
                 return
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            global_step = epoch * steps_per_epoch + step
-            raw.after_optimizer_step(min(1.0, (global_step + 1) / total_steps))
             epoch_images += len(idx)
+            steps_done += 1
             for key, value in out.items():
                 value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
                 sums[key] = sums.get(key, 0.0) + value
-            steps_done_here += 1
-            if progress_hook:
-                _write_progress_hook(progress_hook, rank, epoch + 1, step + 1, start_epoch)
-            if step_sleep:
-                time.sleep(step_sleep)
-            if rank == 0 and ((step + 1) % stage["log_every_steps"] == 0 or step + 1 == len(batches)):
-                elapsed = time.time() - stage_start
+            if w.rank == 0 and ((step + 1) % w.stage["log_every_steps"] == 0 or step + 1 == len(batches)):
                 remaining = (epochs - epoch) * len(batches) - (step + 1)
-                rate = epoch_images * world / max(1e-9, time.time() - epoch_start)
-                eta = elapsed / steps_done_here * remaining
-                print(
-                    f"{tag} epoch {epoch + 1}/{epochs} step {step + 1}/{len(batches)} "
-                    f"loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e} img/s {rate:.0f} ETA {_format_eta(eta)}",
-                    flush=True,
-                )
-        epoch_time = time.time() - epoch_start
-        means = {k: (v / max(1, len(batches))) for k, v in sums.items()}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            keys = sorted(means)
-            stacked = torch.stack([means[k].to(device) for k in keys])
-            torch.distributed.all_reduce(stacked)
-            means = {k: stacked[i] / world for i, k in enumerate(keys)}
-        metrics = {k: float(v) for k, v in means.items()}
-        metrics.update(
-            peak_memory_mb=peak_memory_mb(device),
-            epoch=epoch + 1,
-            lr=float(scheduler.get_last_lr()[0]),
-            images_per_sec=epoch_images * world / max(epoch_time, 1e-9),
-            epoch_time_s=epoch_time,
-        )
-        if rank == 0:
-            _log_mlflow(job.tracking_uri, job.run_id, metrics, step=epoch + 1)
-        last = epoch + 1 == epochs
-        if (epoch + 1) % stage["checkpoint_every"] == 0 or last:
-            tmp = Path(tempfile.mkdtemp(prefix="sslpipe-ckpt-"))
-            try:
-                ckpt = None
-                if rank == 0:
-                    progress = {"epoch": epoch, "metrics": metrics, "resumed_at_epoch": start_epoch}
-                    save_checkpoint(tmp, raw, optimizer, scheduler, progress, job, feature_dim)
-                    ckpt = ray.train.Checkpoint.from_directory(str(tmp))
-                ray.train.report(metrics, checkpoint=ckpt)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            ray.train.report(metrics)
+                rate = epoch_images * w.world / max(1e-9, time.time() - epoch_start)
+                eta = (time.time() - stage_start) / steps_done * remaining
+                print(f"{tag} epoch {epoch + 1}/{epochs} step {step + 1}/{len(batches)} loss {float(out['loss']):.4f} "
+                      f"lr {w.scheduler.get_last_lr()[0]:.2e} img/s {rate:.0f} ETA {_format_eta(eta)}", flush=True)
+        metrics = epoch_metrics(w, sums, len(batches), epoch_images, time.time() - epoch_start, epoch)
+        report_epoch(w, metrics, epoch)
 
 
 @dataclass
@@ -475,10 +502,10 @@ def fit_stage(job: TrainJob, *, ray_cfg: dict[str, Any], storage_path: str, run_
         # Train's INFO lines (every report, every checkpoint) drown our progress lines; warnings still show.
         logging_config=LoggingConfig(log_level=os.environ.get("SSLPIPE_RAY_TRAIN_LOG_LEVEL", "WARNING")),
     )
-    hooks = {k: os.environ[k] for k in TEST_HOOKS if os.environ.get(k)}
+    hooks = FaultHooks.from_env()
     if "://" not in storage_path:  # a marker left by a run that crashed afterwards is stale
         (Path(storage_path) / run_name / NON_FINITE_MARKER).unlink(missing_ok=True)
-    trainer = TorchTrainer(train_worker, train_loop_config={"job": asdict(job), "hooks": hooks},
+    trainer = TorchTrainer(train_worker, train_loop_config={"job": asdict(job), "hooks": hooks and hooks.to_dict()},
                            scaling_config=scaling, run_config=run_config)
     result = trainer.fit()
     stopped = _pop_marker(result.filesystem, result.path)
@@ -492,8 +519,6 @@ def fit_stage(job: TrainJob, *, ray_cfg: dict[str, Any], storage_path: str, run_
         )
     if result.checkpoint is None:
         raise RuntimeError(f"stage '{job.stage['name']}' finished without a checkpoint")
-    from pipeline.runner import replace_dir_atomic
-
     target = workdir / "final_checkpoint"
     workdir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as ckpt_dir:

@@ -35,6 +35,14 @@ def _touches_ray(test_file: Path) -> bool:
     return "ray_session" in text or "pytest.mark.ray" in text
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the shared Ray head (directly or through a fixture) carries the `ray` mark, so
+    `make test-fast` (`-m "not ray"`) leaves out exactly the tests that start or need Ray."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None:
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.hookimpl(optionalhook=True)  # only pytest-xdist defines this hook; a plain pytest runs without it
 def pytest_xdist_make_scheduler(config, log):
     """Under `pytest -n N` (`make test` runs `-n 2 --dist loadscope`), the modules that touch Ray form two groups

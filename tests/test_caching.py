@@ -81,11 +81,12 @@ def first_run(ray_session, tmp_path_factory):
 
 
 def test_rerun_reuses_every_stage_without_starting_ray(first_run, monkeypatch):
+    from pipeline.context import RunContext
     from pipeline.runner import PipelineRun
 
     out, first = first_run
     runs_before = len(_child_runs(first))
-    monkeypatch.setattr(PipelineRun, "_ensure_ray", lambda self: pytest.fail("Ray started for a cached rerun"))
+    monkeypatch.setattr(RunContext, "ensure_ray", lambda self: pytest.fail("Ray started for a cached rerun"))
     # `compile` changes how a stage runs, not what it computes: turning it on still reuses the stage
     second = PipelineRun(_config(simclr={"compile": True}), out).run()
 
@@ -186,7 +187,7 @@ def test_missing_artifact_or_unfinished_mlflow_run_is_not_reused(first_run):
 
 
 def test_latest_checkpoint_epoch_reads_ray_trains_snapshot(tmp_path):
-    from pipeline.runner import latest_checkpoint_epoch
+    from pipeline.cache import latest_checkpoint_epoch
 
     assert latest_checkpoint_epoch(str(tmp_path), "run") is None
     (tmp_path / "run").mkdir()

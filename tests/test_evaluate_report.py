@@ -30,10 +30,10 @@ def _squares(per_class: int, seed: int) -> ImageSet:
     return ImageSet(images=images, labels=labels, ids=None, class_names=CLASSES, source="synthetic", split="x")
 
 
-def _stage(**overrides) -> dict:
+def _stage(**overrides) -> EvaluateStage:
     data = {"name": "ev", "kind": "evaluate", "input": "pixels", "knn_k": 10, "tsne_points": 50,
             "kmeans_iterations": 10, **overrides}
-    return EvaluateStage.model_validate(data).model_dump(mode="json")
+    return EvaluateStage.model_validate(data)
 
 
 class _FakeUMAP:
@@ -173,8 +173,8 @@ def test_bad_evaluate_keys_name_the_key(overrides, message):
 
 def test_choose_k_alone_means_auto_and_recall_at_is_sorted():
     stage = _stage(choose_k={"min": 3, "max": 7}, recall_at=[8, 1, 4, 1])
-    assert stage["clusters"] == "auto" and stage["choose_k"] == {"min": 3, "max": 7}
-    assert stage["recall_at"] == [1, 4, 8]
+    assert stage.clusters == "auto" and stage.choose_k.model_dump() == {"min": 3, "max": 7}
+    assert stage.recall_at == [1, 4, 8]
 
 
 def test_retrieval_against_a_train_split_without_shared_classes_is_skipped(tmp_path):

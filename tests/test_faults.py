@@ -56,7 +56,7 @@ def read_progress(path: Path) -> dict | None:
 
 
 def checkpoint_epoch(out: Path) -> int:
-    from pipeline.runner import latest_checkpoint_epoch
+    from pipeline.cache import latest_checkpoint_epoch
 
     snapshots = glob.glob(str(out / "ray" / "*" / "checkpoint_manager_snapshot.json"))
     return max((latest_checkpoint_epoch(str(Path(s).parent.parent), Path(s).parent.name) or 0 for s in snapshots), default=0)
@@ -155,7 +155,7 @@ def test_unreachable_tracking_server_fails_fast_before_training(tmp_path, capsys
 def test_summary_and_artifact_copies_are_replaced_atomically(tmp_path, monkeypatch):
     import shutil
 
-    from pipeline.runner import replace_dir_atomic, write_json_atomic
+    from pipeline.store import replace_dir_atomic, write_json_atomic
 
     summary = tmp_path / "summary.json"
     write_json_atomic(summary, {"stages": {"a": 1}})

@@ -69,7 +69,7 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline import registry
+    from pipeline import retrain as retraining
     from pipeline.backbones import load_backbone, read_backbone_meta
     from pipeline.cli import main
 
@@ -79,7 +79,7 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     config_path.write_text(CONFIG.format(root=data))
     config = load_config(config_path)
     uri = f"sqlite:///{out / 'mlflow.db'}"
-    real_evaluate = registry.evaluate_backbone
+    real_evaluate = retraining.evaluate_backbone
     evaluated: list[str] = []
 
     def recording_evaluate(artifact, *args, **kwargs):
@@ -87,8 +87,8 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
         return real_evaluate(artifact, *args, **kwargs)
 
     # 1. No champion yet: the first candidate is promoted (real evaluation).
-    monkeypatch.setattr(registry, "evaluate_backbone", recording_evaluate)
-    first = registry.retrain(config, out, log=lambda s: None)
+    monkeypatch.setattr(retraining, "evaluate_backbone", recording_evaluate)
+    first = retraining.retrain(config, out, log=lambda s: None)
     assert first["decision"] == "promote" and first["champion"] is None
     assert first["candidate"]["version"] == "1" and champion_version(uri, "tiny-backbone") == "1"
     assert 0.0 <= first["candidate"]["knn_accuracy"] <= 1.0 and len(evaluated) == 1
@@ -104,7 +104,7 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     pyfunc = mlflow.pyfunc.load_model("models:/tiny-backbone@champion")
     images = np.random.default_rng(0).integers(0, 256, (3, 3, 16, 16), dtype=np.uint8)
     reference = load_backbone(summary["stages"]["simclr"]["artifacts"]["backbone"], with_meta=True)
-    from downstream.embeddings import embed_images
+    from pretext.embeddings import embed_images
 
     meta = reference[1]
     expected = embed_images(reference[0], images, input_size=16, mean=meta["mean"], std=meta["std"],
@@ -121,9 +121,9 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     # 3. New data; the candidate beats the champion by more than the margin: the alias moves.
     add_images(data, 32, 8)
     scores = {fp1: 0.50}
-    monkeypatch.setattr(registry, "evaluate_backbone",
+    monkeypatch.setattr(retraining, "evaluate_backbone",
                         lambda artifact, *a, **k: scores.get(read_backbone_meta(artifact)["data_fingerprint"], 0.90))
-    second = registry.retrain(config, out, log=lambda s: None)
+    second = retraining.retrain(config, out, log=lambda s: None)
     assert second["decision"] == "promote", second
     assert second["champion"] == {"version": "1", "knn_accuracy": 0.5, "data_fingerprint": fp1,
                                   "config_fingerprint": first["candidate"]["config_fingerprint"]}
@@ -135,9 +135,9 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     # 4. Newer data; the candidate is better, but by less than min_improvement: the champion stays.
     add_images(data, 40, 8)
     scores[fp2] = 0.80
-    monkeypatch.setattr(registry, "evaluate_backbone",
+    monkeypatch.setattr(retraining, "evaluate_backbone",
                         lambda artifact, *a, **k: scores.get(read_backbone_meta(artifact)["data_fingerprint"], 0.83))
-    third = registry.retrain(config, out, log=lambda s: None)
+    third = retraining.retrain(config, out, log=lambda s: None)
     assert third["decision"] == "keep", third
     assert third["champion"]["version"] == "2" and third["candidate"]["version"] == "3"
     assert champion_version(uri, "tiny-backbone") == "2"
@@ -155,7 +155,7 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
 
     # 5. The kept candidate was judged on exactly this data and config: no second try.
     runs_before = count_runs(uri)
-    assert registry.retrain(config, out, log=lambda s: None)["decision"] == "noop"
+    assert retraining.retrain(config, out, log=lambda s: None)["decision"] == "noop"
     assert count_runs(uri) == runs_before and set(versions(uri, "tiny-backbone")) == {"1", "2", "3"}
 
 

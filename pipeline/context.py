@@ -1,0 +1,118 @@
+"""What every stage executor gets: the config, the data splits, the MLflow tracker, Ray and the output folder.
+
+The driver loads the splits once (the evaluation split only when a stage reads it) and hands them to every
+executor; Ray starts the first time a stage needs training, so a fully cached rerun never starts it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.config import PipelineConfig, StageBase
+from pipeline.store import stage_dir
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def load_split(config: PipelineConfig, which: str, log: Callable[[str], None] = log):
+    """One split of the configured data source: `train` (data.train_*) or `eval` (data.eval_*)."""
+    from pipeline.data import load_images
+
+    d = config.data
+    split, subset, classes = ((d.train_split, d.train_subset, d.train_classes) if which == "train"
+                              else (d.eval_split, d.eval_subset, d.eval_classes))
+    return load_images(d.source, split, subset=subset, classes=classes, root=d.root, download=d.download,
+                       image_size=d.load_size, seed=config.seed, max_image_pixels=d.max_image_pixels, log=log)
+
+
+@dataclass
+class RunContext:
+    config: PipelineConfig
+    output_dir: Path
+    log: Callable[[str], None] = log
+    train: Any = None  # pipeline.data.ImageSet
+    evalset: Any = None  # ImageSet, or None when no stage reads the evaluation split
+    data_fingerprint: str = ""
+    eval_fingerprint: str | None = None
+    tracker: Any = None  # pipeline.tracking.Tracker, set when the run starts (not for --dry-run)
+    tracking_uri: str = ""
+    parent_run_id: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _ray_lock: threading.Lock = field(default_factory=threading.Lock)
+    ray_started: bool = False
+    _train_ref: Any = None
+
+    def load_data(self) -> None:
+        """Load the splits once: bad data is reported before anything is created in MLflow."""
+        if self.train is not None:
+            return
+        d = self.config.data
+        self.train = load_split(self.config, "train", self.log)
+        self.log(f"data: {d.source}/{d.train_split}: {len(self.train)} images {self.train.images.shape[1:]}")
+        if any(stage.uses_eval_split() for stage in self.config.stages):
+            self.evalset = load_split(self.config, "eval", self.log)
+            self.log(f"data: {d.source}/{d.eval_split}: {len(self.evalset)} images for evaluation")
+        self.data_fingerprint = self.train.fingerprint()
+        self.eval_fingerprint = self.evalset.fingerprint() if self.evalset is not None else None
+
+    def log_run_data(self, run_id: str) -> None:
+        """The parent run's data: image and skipped-file counts, the skipped files with their reasons."""
+        splits = [s for s in (self.train, self.evalset) if s is not None]
+        skipped = [item for s in splits for item in s.skipped]
+        self.tracker.log_metrics(run_id, {"data_train_images": len(self.train), "data_skipped_files": len(skipped)})
+        if skipped:
+            self.tracker.log_text(run_id, "".join(f"{p}\t{reason}\n" for p, reason in skipped), "skipped_files.tsv")
+
+    def stage_dir(self, name: str) -> Path:
+        return stage_dir(self.output_dir, name)
+
+    @property
+    def storage_path(self) -> str:
+        """Ray Train's checkpoints: ray.storage_path, else <output_dir>/ray."""
+        return self.config.ray.storage_path or str(self.output_dir / "ray")
+
+    def ensure_ray(self) -> None:
+        """Start (or attach to) Ray the first time a stage needs training; keep our SIGTERM handler."""
+        with self._ray_lock:
+            if self.ray_started:
+                return
+            from pipeline.trainer import ray_init
+
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.getsignal(signal.SIGTERM) if main else None
+            ray_init(self.config.ray.address, local_metrics=self.config.ray.local_metrics)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)  # ray.init installs one that exits without cleanup
+            self.ray_started = True
+
+    def cluster_fits(self, stages: list[StageBase]) -> bool:
+        """True when Ray has free resources for every one of `stages` at once."""
+        import ray
+
+        ray_cfg = self.config.ray
+        per_worker = dict(ray_cfg.resources_per_worker or {"CPU": 1})
+        if ray_cfg.use_gpu:
+            per_worker.setdefault("GPU", 1)
+        need = {k: v * ray_cfg.num_workers * len(stages) for k, v in per_worker.items()}
+        free = ray.available_resources()
+        return all(free.get(k, 0.0) >= v for k, v in need.items())
+
+    def put_images(self, images: np.ndarray | None = None):
+        """An object-store reference to `images`, or to the training split (put once and shared)."""
+        import ray
+
+        self.ensure_ray()
+        if images is not None:
+            return ray.put(images)
+        with self.lock:
+            if self._train_ref is None:
+                self._train_ref = ray.put(self.train.images)
+            return self._train_ref

@@ -1,0 +1,128 @@
+"""`sslpipe retrain`: run on the current data, then promote the new backbone only if it beats the champion.
+
+It runs the pipeline, evaluates the new version (the candidate) and the version holding the `champion`
+alias on the same evaluation set, and moves the alias only when the candidate is better by at least
+`registry.min_improvement`. When the champion (or a candidate already judged) was trained on the same
+data with the same config, it does nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.config import PipelineConfig
+from pipeline.registry import (TAG_CONFIG, TAG_DATA, TAG_DECISION, already_judged, config_fingerprint,
+                               download_backbone, evaluate_backbone, registry_client, version_by_alias)
+from pipeline.tracking import TrackingError
+
+
+def retrain(config: PipelineConfig, output_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run, evaluate candidate and champion on the same data, move the alias if the candidate is better.
+
+    Returns the decision (also in summary.json under `retrain` and as tags of the run in MLflow).
+    """
+    from pipeline.context import load_split
+    from pipeline.data import DataError
+    from pipeline.runner import PipelineRun
+    from pipeline.store import write_json_atomic
+    from pipeline.tracking import Tracker, default_uri
+
+    if config.registered_stage() is None:
+        from pipeline.config import ConfigError
+
+        raise ConfigError("retrain: the pipeline has no pretext or refine stage, so there is no backbone to register")
+    config = config.model_copy(update={"registry": config.registry.model_copy(update={"enabled": True})})
+    reg = config.registry
+    name, metric = config.model_name(), reg.metric
+    output_dir = Path(output_dir).resolve()
+    uri = config.tracking.uri or default_uri(output_dir)
+
+    run = PipelineRun(config, output_dir, log=log)
+    run.load_data()
+    evalset = run.evalset or load_split(config, "eval", log)
+    if run.train.labels is None or evalset.labels is None:
+        raise DataError(f"retrain compares models by {metric}, which needs labels; "
+                        f"data source '{config.data.source}' has none here")
+    data_fp, config_fp = run.data_fingerprint, config_fingerprint(config)
+
+    Tracker(uri, config.tracking.experiment, artifact_root=output_dir / "mlartifacts")  # fails early if unusable
+    champion = version_by_alias(uri, name, reg.alias)
+    same = champion if champion is not None and champion.tags.get(TAG_DATA) == data_fp \
+        and champion.tags.get(TAG_CONFIG) == config_fp else already_judged(uri, name, data_fp, config_fp)
+    if same is not None:
+        role = "the champion" if champion is not None and str(same.version) == str(champion.version) else "a kept candidate"
+        log(f"retrain: nothing to do: '{name}' version {same.version} ({role}) was trained on the same data "
+            f"({data_fp}) with the same config ({config_fp})")
+        return {"decision": "noop", "model_name": name, "version": str(same.version),
+                "champion_version": str(champion.version) if champion is not None else None,
+                "data_fingerprint": data_fp, "config_fingerprint": config_fp}
+
+    summary = run.run()
+    registered = summary.get("registry") or {}
+    if "version" not in registered:
+        raise TrackingError(f"retrain: the run did not register a model version ({registered.get('error', 'unknown reason')})")
+    candidate_version = registered["version"]
+    candidate_dir = Path(run.results[registered["stage"]].artifacts["backbone"])
+    candidate_value = evaluate_backbone(candidate_dir, run.train, evalset, metric, seed=config.seed)
+    log(f"retrain: candidate '{name}' version {candidate_version}: {metric} {candidate_value:.4f}")
+
+    decision: dict[str, Any] = {
+        "model_name": name, "alias": reg.alias, "metric": metric, "min_improvement": reg.min_improvement,
+        "candidate": {"version": candidate_version, metric: candidate_value, "data_fingerprint": data_fp,
+                      "config_fingerprint": config_fp},
+        "champion": None,
+    }
+    if champion is None:
+        decision.update(decision="promote", reason="no champion yet")
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="champion-", dir=output_dir))
+        try:
+            champion_dir = download_backbone(uri, name, str(champion.version), tmp)
+            champion_value = evaluate_backbone(champion_dir, run.train, evalset, metric, seed=config.seed)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"retrain: champion '{name}' version {champion.version}: {metric} {champion_value:.4f}")
+        decision["champion"] = {"version": str(champion.version), metric: champion_value,
+                                "data_fingerprint": champion.tags.get(TAG_DATA),
+                                "config_fingerprint": champion.tags.get(TAG_CONFIG)}
+        gain = candidate_value - champion_value
+        if gain >= reg.min_improvement - 1e-12:
+            decision.update(decision="promote", reason=f"{metric} improved by {gain:+.4f} (needed {reg.min_improvement:+.4f})")
+        else:
+            decision.update(decision="keep", reason=f"{metric} changed by {gain:+.4f}, less than {reg.min_improvement:+.4f}")
+
+    client = registry_client(uri)
+    if decision["decision"] == "promote":
+        client.set_registered_model_alias(name, reg.alias, candidate_version)
+    client.set_model_version_tag(name, candidate_version, TAG_DECISION, decision["decision"])
+    client.set_model_version_tag(name, candidate_version, f"sslpipe.eval.{metric}", f"{candidate_value:.6f}")
+    decision["champion_after"] = candidate_version if decision["decision"] == "promote" else str(champion.version)
+    log(f"retrain: {decision['decision']} ({decision['reason']}); '{reg.alias}' is version {decision['champion_after']}")
+
+    parent = summary["parent_run_id"]
+    champion_info = decision["champion"] or {}
+    tags = {
+        TAG_DECISION: decision["decision"],
+        "sslpipe.retrain.reason": decision["reason"],
+        "sslpipe.retrain.metric": metric,
+        "sslpipe.retrain.candidate_version": candidate_version,
+        "sslpipe.retrain.champion_version": champion_info.get("version", ""),
+        "sslpipe.retrain.champion_after": decision["champion_after"],
+        "sslpipe.retrain.candidate_data_fingerprint": data_fp,
+        "sslpipe.retrain.champion_data_fingerprint": champion_info.get("data_fingerprint", ""),
+    }
+    for key, value in tags.items():
+        client.set_tag(parent, key, str(value))
+    metrics = {f"retrain_candidate_{metric}": candidate_value}
+    if champion_info:
+        metrics[f"retrain_champion_{metric}"] = champion_info[metric]
+    for key, value in metrics.items():
+        client.log_metric(parent, key, value)
+
+    summary["retrain"] = decision
+    write_json_atomic(output_dir / "summary.json", summary)
+    client.log_artifact(parent, str(output_dir / "summary.json"))
+    return decision

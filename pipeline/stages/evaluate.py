@@ -1,0 +1,20 @@
+"""Evaluate stages: embed both splits with a backbone (or take raw pixels) and measure it: kNN accuracy,
+retrieval, k-means and its metrics, plots, per-cluster pages, assignments and an HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import EvaluateStage
+from pipeline.context import RunContext
+from pipeline.stages.base import Executor, StageResult, StageRun
+
+
+class EvaluateExecutor(Executor):
+    def run(self, ctx: RunContext, stage: EvaluateStage, run: StageRun) -> StageResult:
+        from pipeline.evaluate import evaluate
+
+        artifact = Path(run.input_backbone) if run.input_backbone else None
+        metrics, artifacts = evaluate(stage, artifact=artifact, train=ctx.train, evalset=ctx.evalset,
+                                      out_dir=ctx.stage_dir(stage.name), seed=ctx.config.seed, log=ctx.log)
+        return StageResult(metrics=metrics, artifacts=artifacts)

@@ -1,0 +1,31 @@
+"""Metric stages: supervised metric learning on the training split's labels, then retrieval of the
+evaluation split (meant for classes never seen in training) with the exported embedder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import MetricStage
+from pipeline.context import RunContext
+from pipeline.stages.base import StageResult, StageRun
+from pipeline.stages.training import TrainingExecutor, train_stage
+
+
+class MetricExecutor(TrainingExecutor):
+    def run(self, ctx: RunContext, stage: MetricStage, run: StageRun) -> StageResult:
+        from pipeline.data import DataError
+
+        if ctx.train.labels is None:
+            raise DataError(f"stage '{stage.name}': metric learning needs labels; data source "
+                            f"'{ctx.config.data.source}' has none")
+        result = train_stage(ctx, stage, run, labels=ctx.train.labels)
+        if stage.retrieval and ctx.evalset is not None and ctx.evalset.labels is not None:
+            from downstream.retrieval import retrieval_metrics
+            from pipeline.evaluate import backbone_features
+
+            features = backbone_features(Path(result.artifacts["backbone"]), ctx.evalset.images, batch_size=512)
+            metrics = retrieval_metrics(features, ctx.evalset.labels)
+            ctx.log(f"[{stage.name}] retrieval on {ctx.config.data.eval_split}: "
+                    + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            result.metrics.update(metrics)
+        return result
