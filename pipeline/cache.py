@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import PipelineConfig, StageBase, TrainingStage, result_settings
+from pipeline.context import RunContext
 from pipeline.store import fingerprint, read_record
 
 
@@ -65,25 +66,21 @@ def latest_checkpoint_epoch(storage_path: str, run_name: str) -> int | None:
 class Cache:
     """The run's view of what is cached. `force` ignores every record, `rerun` the named stages'."""
 
-    def __init__(self, config: PipelineConfig, output_dir: Path, storage_path: str, *, force: bool = False,
-                 rerun: set[str] | None = None) -> None:
-        self.config, self.output_dir, self.storage_path = config, output_dir, storage_path
+    def __init__(self, ctx: RunContext, *, force: bool = False, rerun: set[str] | None = None) -> None:
+        self.ctx, self.config, self.output_dir = ctx, ctx.config, ctx.output_dir
         self.force, self.rerun = force, set(rerun or ())
         self.fingerprints: dict[str, str | None] = {}  # stage -> fingerprint (None: known after training)
         self.reused: set[str] = set()
         self.run_status: Callable[[str], str | None] = lambda run_id: None  # MLflow run status reader
-        self.data_fingerprint: str = ""
-        self.eval_fingerprint: str | None = None
-        self.eval_loaded = False
 
     def fingerprint(self, stage: StageBase, inp: str | None) -> str | None:
         """None when the input is a stage whose fingerprint is not known yet."""
         upstream = self.fingerprints.get(inp, inp) if inp else None
         if inp in self.fingerprints and upstream is None:
             return None
-        reads_eval = self.eval_loaded and stage.uses_eval_split()
-        return stage_fingerprint(self.config, stage, data=self.data_fingerprint, upstream=upstream,
-                                 evaluation=self.eval_fingerprint if reads_eval else None)
+        reads_eval = self.ctx.evalset is not None and stage.uses_eval_split()
+        return stage_fingerprint(self.config, stage, data=self.ctx.data_fingerprint, upstream=upstream,
+                                 evaluation=self.ctx.eval_fingerprint if reads_eval else None)
 
     def forced(self, stage: StageBase) -> bool:
         return self.force or stage.name in self.rerun
@@ -119,7 +116,7 @@ class Cache:
                 plan.action, plan.detail = "reuse", f"run {record['run_id']}"
                 return plan, record
         if isinstance(stage, TrainingStage):
-            epoch = latest_checkpoint_epoch(self.storage_path, ray_run_name(self.config, stage, fp))
+            epoch = latest_checkpoint_epoch(self.ctx.storage_path, ray_run_name(self.config, stage, fp))
             if epoch:
                 plan.action, plan.detail = "resume", f"checkpoint after epoch {epoch}"
         return plan, None

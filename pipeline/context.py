@@ -6,6 +6,7 @@ executor; Ray starts the first time a stage needs training, so a fully cached re
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -63,8 +64,18 @@ class RunContext:
         self.data_fingerprint = self.train.fingerprint()
         self.eval_fingerprint = self.evalset.fingerprint() if self.evalset is not None else None
 
+    def log_datasets(self, run_id: str, *, evaluation: bool = True) -> None:
+        """The splits a run reads as MLflow input datasets (source, split, size; the fingerprint as digest)."""
+        d = self.config.data
+        for data, digest, context in ((self.train, self.data_fingerprint, "training"),
+                                      (self.evalset if evaluation else None, self.eval_fingerprint, "evaluation")):
+            if data is not None:
+                self.tracker.log_input_dataset(run_id, name=f"{d.source}/{data.split}", source=d.root or d.source,
+                                               split=data.split, size=len(data), digest=digest, context=context)
+
     def log_run_data(self, run_id: str) -> None:
-        """The parent run's data: image and skipped-file counts, the skipped files with their reasons."""
+        """The parent run's data: input datasets, image and skipped-file counts, the skipped files and why."""
+        self.log_datasets(run_id)
         splits = [s for s in (self.train, self.evalset) if s is not None]
         skipped = [item for s in splits for item in s.skipped]
         self.tracker.log_metrics(run_id, {"data_train_images": len(self.train), "data_skipped_files": len(skipped)})
@@ -84,14 +95,31 @@ class RunContext:
         with self._ray_lock:
             if self.ray_started:
                 return
+            from pipeline.console import logs_line, quiet_ray_console
             from pipeline.trainer import ray_init
 
             main = threading.current_thread() is threading.main_thread()
             previous = signal.getsignal(signal.SIGTERM) if main else None
+            address = self.config.ray.address or os.environ.get("RAY_ADDRESS")
+            # A cluster may have preemptible nodes: keep Train's preemption watcher there (its line is filtered)
+            quiet_ray_console(self.logs_dir, preemption_watcher=bool(address))
             ray_init(self.config.ray.address, local_metrics=self.config.ray.local_metrics)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)  # ray.init installs one that exits without cleanup
             self.ray_started = True
+            self.log(logs_line(self.logs_dir))
+
+    @property
+    def logs_dir(self) -> Path:
+        """Ray's own logs for this run (the console shows only our progress lines)."""
+        return self.output_dir / "logs"
+
+    def save_ray_logs(self) -> None:
+        """Copy this job's Ray logs into the run folder (call while Ray is up, also after a failure)."""
+        if self.ray_started:
+            from pipeline.console import save_ray_logs
+
+            save_ray_logs(self.logs_dir)
 
     def cluster_fits(self, stages: list[StageBase]) -> bool:
         """True when Ray has free resources for every one of `stages` at once."""

@@ -41,12 +41,12 @@ def retrain(config: PipelineConfig, output_dir: Path, log: Callable[[str], None]
     uri = config.tracking.uri or default_uri(output_dir)
 
     run = PipelineRun(config, output_dir, log=log)
-    run.load_data()
-    evalset = run.evalset or load_split(config, "eval", log)
-    if run.train.labels is None or evalset.labels is None:
+    run.ctx.load_data()
+    evalset = run.ctx.evalset or load_split(config, "eval", log)
+    if run.ctx.train.labels is None or evalset.labels is None:
         raise DataError(f"retrain compares models by {metric}, which needs labels; "
                         f"data source '{config.data.source}' has none here")
-    data_fp, config_fp = run.data_fingerprint, config_fingerprint(config)
+    data_fp, config_fp = run.ctx.data_fingerprint, config_fingerprint(config)
 
     Tracker(uri, config.tracking.experiment, artifact_root=output_dir / "mlartifacts")  # fails early if unusable
     champion = version_by_alias(uri, name, reg.alias)
@@ -66,7 +66,7 @@ def retrain(config: PipelineConfig, output_dir: Path, log: Callable[[str], None]
         raise TrackingError(f"retrain: the run did not register a model version ({registered.get('error', 'unknown reason')})")
     candidate_version = registered["version"]
     candidate_dir = Path(run.results[registered["stage"]].artifacts["backbone"])
-    candidate_value = evaluate_backbone(candidate_dir, run.train, evalset, metric, seed=config.seed)
+    candidate_value = evaluate_backbone(candidate_dir, run.ctx.train, evalset, metric, seed=config.seed)
     log(f"retrain: candidate '{name}' version {candidate_version}: {metric} {candidate_value:.4f}")
 
     decision: dict[str, Any] = {
@@ -81,7 +81,7 @@ def retrain(config: PipelineConfig, output_dir: Path, log: Callable[[str], None]
         tmp = Path(tempfile.mkdtemp(prefix="champion-", dir=output_dir))
         try:
             champion_dir = download_backbone(uri, name, str(champion.version), tmp)
-            champion_value = evaluate_backbone(champion_dir, run.train, evalset, metric, seed=config.seed)
+            champion_value = evaluate_backbone(champion_dir, run.ctx.train, evalset, metric, seed=config.seed)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log(f"retrain: champion '{name}' version {champion.version}: {metric} {champion_value:.4f}")

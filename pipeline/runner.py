@@ -35,30 +35,11 @@ class PipelineRun:
         self.config, self.log = config, log
         self.ctx = RunContext(config, Path(output_dir).resolve(), log)
         self.output_dir = self.ctx.output_dir
-        self.cache = Cache(config, self.output_dir, self.ctx.storage_path, force=force, rerun=set(rerun))
+        self.cache = Cache(self.ctx, force=force, rerun=set(rerun))
         self.results: dict[str, StageResult] = {}
         self.summary: dict[str, Any] = {"pipeline": config.name, "stages": {}}
         self._active_runs: dict[str, str] = {}  # MLflow run id -> stage name, for stages in flight
         self._interrupted = False
-
-    @property
-    def train(self):
-        return self.ctx.train
-
-    @property
-    def evalset(self):
-        return self.ctx.evalset
-
-    @property
-    def data_fingerprint(self) -> str:
-        return self.ctx.data_fingerprint
-
-    def load_data(self) -> None:
-        """Load the splits once: retrain needs the data fingerprint before it decides to run."""
-        self.ctx.load_data()
-        self.cache.data_fingerprint = self.ctx.data_fingerprint
-        self.cache.eval_fingerprint = self.ctx.eval_fingerprint
-        self.cache.eval_loaded = self.ctx.evalset is not None
 
     def _prepare(self) -> None:
         """Everything that can fail on bad input, before anything is created in MLflow."""
@@ -67,7 +48,7 @@ class PipelineRun:
         uri = self.ctx.tracking_uri = self.config.tracking.uri or default_uri(self.output_dir)
         check_reachable(uri)  # an unreachable server fails in seconds, before data or training
         self.cache.run_status = lambda run_id: read_run_status(uri, run_id)
-        self.load_data()
+        self.ctx.load_data()
         for stage in self.config.stages:
             executor_for(stage).check(self.ctx, stage)
 
@@ -97,7 +78,7 @@ class PipelineRun:
         return plans
 
     def run(self) -> dict[str, Any]:
-        from pipeline.tracking import Tracker
+        from pipeline.tracking import Tracker, source_tags
 
         cfg, out, ctx = self.config, self.output_dir, self.ctx
         out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +87,8 @@ class PipelineRun:
         write_text_atomic(resolved, dump_config(cfg))
         tracker = ctx.tracker = Tracker(ctx.tracking_uri, cfg.tracking.experiment, artifact_root=out / "mlartifacts")
         self.cache.run_status = tracker.run_status
-        parent = ctx.parent_run_id = tracker.start_run(cfg.tracking.run_name or cfg.name,
-                                                       tags={"sslpipe.pipeline": cfg.name})
+        parent = ctx.parent_run_id = tracker.start_run(cfg.tracking.run_name or cfg.name, tags={
+            "sslpipe.pipeline": cfg.name, **source_tags(Path(__file__).resolve().parents[1])})
         self.summary.update(tracking_uri=ctx.tracking_uri, parent_run_id=parent,
                             data_fingerprint=ctx.data_fingerprint, output_dir=str(out))
         tracker.log_params(parent, flatten({k: v for k, v in cfg.model_dump(mode="json").items() if k != "stages"}))
@@ -132,8 +113,9 @@ class PipelineRun:
         return self.summary
 
     def _finish(self, error: type[BaseException] | None) -> None:
-        """End the runs still in flight and write the final summary, whatever happened."""
+        """End the runs still in flight, keep Ray's logs and write the final summary, whatever happened."""
         tracker = self.ctx.tracker
+        self.ctx.save_ray_logs()
         interrupted = error is not None and issubclass(error, KeyboardInterrupt)
         self._interrupted = self._interrupted or interrupted
         with self.ctx.lock:
@@ -203,6 +185,7 @@ class PipelineRun:
         run = StageRun(inp, upstream.artifacts.get("backbone") if upstream else None, plan, run_id, fresh)
         try:
             tracker.log_params(run_id, flatten(stage.model_dump(mode="json")))
+            ctx.log_datasets(run_id, evaluation=stage.uses_eval_split())
             result = executor.run(ctx, stage, run)
         except BaseException as err:
             with ctx.lock:

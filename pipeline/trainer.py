@@ -471,7 +471,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 remaining = (epochs - epoch) * len(batches) - (step + 1)
                 rate = epoch_images * w.world / max(1e-9, time.time() - epoch_start)
                 eta = (time.time() - stage_start) / steps_done * remaining
-                print(f"{tag} epoch {epoch + 1}/{epochs} step {step + 1}/{len(batches)} loss {float(out['loss']):.4f} "
+                print(f"{tag} epoch {epoch + 1}/{epochs} step {step + 1}/{len(batches)} loss {out['loss'].item():.4f} "
                       f"lr {w.scheduler.get_last_lr()[0]:.2e} img/s {rate:.0f} ETA {_format_eta(eta)}", flush=True)
         metrics = epoch_metrics(w, sums, len(batches), epoch_images, time.time() - epoch_start, epoch)
         report_epoch(w, metrics, epoch)

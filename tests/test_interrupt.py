@@ -67,6 +67,9 @@ def test_sigterm_marks_runs_killed_and_the_rerun_resumes_from_the_checkpoint(ray
     resumed_after = read_progress(Path(f"{progress}.rank0"))["start_epoch"]
     assert resumed_after >= 1  # not from epoch 1
     assert f"resumed from checkpoint after epoch {resumed_after}/4" in proc.stdout
+    console = proc.stdout + proc.stderr  # our progress lines reach the terminal; Ray's report dumps do not
+    assert "[simclr] epoch 4/4" in console and "Ray's logs: " in console
+    assert "TrainingReport(" not in console and "PreemptionWatcher" not in console
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "FINISHED" and summary["reused_stages"] == ["pixels"]

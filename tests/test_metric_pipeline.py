@@ -61,8 +61,8 @@ def test_metric_stage_learns_and_reports_unseen_class_retrieval(metric_run):
     m = summary["stages"]["metric"]["metrics"]
     assert {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r"} <= m.keys()
     assert "knn_accuracy" not in m  # disjoint classes: not computed by default
-    assert set(np.unique(run.evalset.labels)) == {5, 6, 7, 8, 9}
-    assert set(np.unique(run.train.labels)) == {0, 1, 2, 3, 4}
+    assert set(np.unique(run.ctx.evalset.labels)) == {5, 6, 7, 8, 9}
+    assert set(np.unique(run.ctx.train.labels)) == {0, 1, 2, 3, 4}
 
     path = run.results["metric"].artifacts["backbone"]
     meta = read_backbone_meta(path)

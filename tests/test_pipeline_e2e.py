@@ -101,3 +101,31 @@ def test_backbone_artifact_from_mlflow_loads(finished_run, tmp_path):
     x = torch.rand(3, 3, 16, 16)
     with torch.no_grad():
         np.testing.assert_array_equal(model(x).numpy(), reference(x).numpy())
+
+
+def test_mlflow_knows_the_experiment_kind_the_data_and_the_code(finished_run):
+    """The MLflow UI opens on training runs; each run lists the splits it read; the parent names the commit."""
+    import subprocess
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    out, summary = finished_run
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    parent = client.get_run(summary["parent_run_id"])
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    def datasets(run):
+        return {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+                for d in run.inputs.dataset_inputs}
+
+    train = ("fashion-mnist/train", summary["data_fingerprint"])
+    assert datasets(parent)[train[0]] == (train[1], "training") and "fashion-mnist/test" in datasets(parent)
+    simclr = client.get_run(summary["stages"]["simclr"]["run_id"])
+    evaluate = client.get_run(summary["stages"]["evaluate"]["run_id"])
+    assert datasets(simclr)[train[0]] == (train[1], "training")
+    assert datasets(simclr)["fashion-mnist/test"][1] == datasets(evaluate)["fashion-mnist/test"][1] == "evaluation"
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    assert head.returncode == 0, "the suite runs from a git checkout"
+    assert parent.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
