@@ -4,7 +4,6 @@ epoch whose loss becomes NaN. Built only when a test sets one of these variables
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -38,10 +37,10 @@ class FaultHooks:
 
     def after_step(self, rank: int, epoch: int, step: int, start_epoch: int) -> None:
         if self.progress_file:
-            target = Path(f"{self.progress_file}.rank{rank}")
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_text(json.dumps({"pid": os.getpid(), "rank": rank, "epoch": epoch, "step": step,
-                                       "start_epoch": start_epoch, "time": time.time()}))
-            os.replace(tmp, target)
+            from pipeline.store import write_json_atomic
+
+            write_json_atomic(Path(f"{self.progress_file}.rank{rank}"), {
+                "pid": os.getpid(), "rank": rank, "epoch": epoch, "step": step, "start_epoch": start_epoch,
+                "time": time.time()})
         if self.step_sleep:
             time.sleep(self.step_sleep)
