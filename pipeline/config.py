@@ -140,7 +140,7 @@ class TrainingStage(StageBase):
     batch_size: int = Field(256, ge=2, description="global batch, split across workers")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"
+        "auto", description="auto: bf16 autocast on GPUs, fp32 on CPUs (bf16 on a CPU is opt-in: docs/configuration.md says why)"
     )
     channels_last: bool = False
     compile: bool = execution_only(

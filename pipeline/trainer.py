@@ -130,11 +130,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast on GPUs that support it, fp32 on CPUs. bf16 on a CPU is opt-in (`precision:
+    bf16`): with torch 2.14 on an AVX512-BF16 CPU, oneDNN's bf16 convolution backward gave NaN weight
+    gradients for kernel taps that see only padding (a 3x3 conv on 1x1 maps), silently poisoning weights."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -398,6 +401,18 @@ def train_step(w: Worker, idx: np.ndarray, epoch: int, step: int) -> dict[str, A
     return out
 
 
+def weights_finite(w: Worker, epoch: int) -> bool:
+    """False (on every rank alike) when a parameter became NaN/inf: a loss can stay finite while weights that
+    do not reach it (e.g. kernel taps that see only padding) are poisoned by non-finite gradients."""
+    bad = next((name for name, p in w.method.named_parameters() if not torch.isfinite(p).all()), None)
+    flag = torch.tensor(float("nan") if bad else 0.0)
+    if _all_finite(flag, w.world):
+        return True
+    if w.rank == 0:
+        _write_marker({"epoch": epoch + 1, "step": w.steps_per_epoch, "loss": None, "parameter": bad or "on another rank"})
+    return False
+
+
 def epoch_metrics(w: Worker, sums: dict[str, torch.Tensor], steps: int, images: int, seconds: float,
                   epoch: int) -> dict[str, float]:
     """Step means averaged over ranks, plus throughput, memory and the learning rate."""
@@ -473,6 +488,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 eta = (time.time() - stage_start) / steps_done * remaining
                 print(f"{tag} epoch {epoch + 1}/{epochs} step {step + 1}/{len(batches)} loss {out['loss'].item():.4f} "
                       f"lr {w.scheduler.get_last_lr()[0]:.2e} img/s {rate:.0f} ETA {_format_eta(eta)}", flush=True)
+        if not weights_finite(w, epoch):
+            return
         metrics = epoch_metrics(w, sums, len(batches), epoch_images, time.time() - epoch_start, epoch)
         report_epoch(w, metrics, epoch)
 
@@ -513,10 +530,10 @@ def fit_stage(job: TrainJob, *, ray_cfg: dict[str, Any], storage_path: str, run_
         last = int(result.metrics.get("epoch", 0)) if result.checkpoint is not None and result.metrics else None
         kept = (f"the last good checkpoint (after epoch {last}) is kept in {result.path}" if last
                 else "no checkpoint was written before it")
-        raise NonFiniteLossError(
-            f"stage '{job.stage['name']}': loss is {stopped['loss']} at epoch {stopped['epoch']}, step {stopped['step']}; "
-            f"lower optimizer.lr or use precision: fp32; {kept}"
-        )
+        what = (f"parameter {stopped['parameter']} is not finite after epoch {stopped['epoch']}"
+                if stopped.get("parameter") else
+                f"loss is {stopped['loss']} at epoch {stopped['epoch']}, step {stopped['step']}")
+        raise NonFiniteLossError(f"stage '{job.stage['name']}': {what}; lower optimizer.lr or use precision: fp32; {kept}")
     if result.checkpoint is None:
         raise RuntimeError(f"stage '{job.stage['name']}' finished without a checkpoint")
     target = workdir / "final_checkpoint"

@@ -21,15 +21,30 @@ def test_warmup_then_cosine():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-def test_precision_auto_on_cpu_follows_native_bf16(monkeypatch):
+def test_precision_auto_is_fp32_on_cpus_and_bf16_stays_opt_in(monkeypatch):
+    """CPU bf16 autocast poisoned weights here (see resolve_precision): `auto` never picks it on a CPU."""
     import pipeline.trainer as trainer
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
-    assert resolve_precision("auto", cpu) == "fp32"
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
-    assert resolve_precision("auto", cpu) == "bf16"
-    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+
+
+def test_a_non_finite_weight_stops_training_even_when_the_loss_is_finite():
+    import types
+
+    from pipeline.trainer import weights_finite
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    worker = types.SimpleNamespace(method=model, world=1, rank=1, steps_per_epoch=3)  # rank 1 writes no marker
+    assert weights_finite(worker, epoch=0)
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    assert not weights_finite(worker, epoch=0)
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("inf")
+    assert not weights_finite(worker, epoch=0)
 
 
 def test_compile_option_compiles_the_backbone_in_place():
