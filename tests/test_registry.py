@@ -83,6 +83,7 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from pipeline import evaluate as evaluation
     from pipeline import retrain as retraining
     from pipeline.backbones import load_backbone, read_backbone_meta
     from pipeline.cli import main
@@ -100,13 +101,24 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
         evaluated.append(read_backbone_meta(artifact)["data_fingerprint"])
         return real_evaluate(artifact, *args, **kwargs)
 
+    real_quick = evaluation.quick_evaluate
+    quick: list[dict[str, float]] = []  # every real evaluation: what evaluate_backbone read its metric from
+
+    def recording_quick(*args, **kwargs):
+        quick.append(real_quick(*args, **kwargs))
+        return quick[-1]
+
     # 1. No champion yet: the first candidate is promoted (real evaluation).
+    monkeypatch.setattr(evaluation, "quick_evaluate", recording_quick)
     monkeypatch.setattr(retraining, "evaluate_backbone", recording_evaluate)
     first = retraining.retrain(config, out, log=lambda s: None)
     assert first["decision"] == "promote" and first["champion"] is None
     assert first["candidate"]["version"] == "1" and champion_version(uri, "tiny-backbone") == "1"
     # 64 images, 2 uninformative classes: kNN below 1/2 + 4 * sqrt(1/4 / 64) = 0.75 (the leak scored ~1.0).
     assert 0.0 <= first["candidate"]["knn_accuracy"] < chance_bound(64) and len(evaluated) == 1
+    # It excluded every query's own image (the folder has no split: each of the 64 queries is in the bank once).
+    assert [q["knn_excluded_matches"] for q in quick] == [64.0]
+    assert quick[0]["knn_accuracy"] == first["candidate"]["knn_accuracy"]
     fp1 = first["candidate"]["data_fingerprint"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["retrain"]["decision"] == "promote" and summary["registry"]["version"] == "1"
@@ -151,6 +163,7 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     # labels neither can beat the other by min_improvement through self-matches.
     assert set(real) == {fp1, second["candidate"]["data_fingerprint"]}, real
     assert all(0.0 <= v < chance_bound(80) for v in real.values()), real
+    assert [q["knn_excluded_matches"] for q in quick[1:]] == [80.0, 80.0]
     # The gate as configured (knn_accuracy, higher is better, min_improvement 0.05) decided it.
     assert second["min_improvement"] == 0.05 and second["gain"] == pytest.approx(0.40)
     assert second["decision"] == gate(0.90, 0.50, 0.05, METRIC_MODES["knn_accuracy"])["decision"]
