@@ -164,6 +164,8 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     assert set(real) == {fp1, second["candidate"]["data_fingerprint"]}, real
     assert all(0.0 <= v < chance_bound(80) for v in real.values()), real
     assert [q["knn_excluded_matches"] for q in quick[1:]] == [80.0, 80.0]
+    print(f"real kNN accuracy at chance 0.5: v1 on 64 images {quick[0]['knn_accuracy']:.4f}; on 80 images: "
+          + ", ".join(f"{q['knn_accuracy']:.4f}" for q in quick[1:]))
     # The gate as configured (knn_accuracy, higher is better, min_improvement 0.05) decided it.
     assert second["min_improvement"] == 0.05 and second["gain"] == pytest.approx(0.40)
     assert second["decision"] == gate(0.90, 0.50, 0.05, METRIC_MODES["knn_accuracy"])["decision"]
