@@ -13,8 +13,9 @@ import faiss
 import numpy as np
 
 from clustering import l2_normalize
+from downstream.exclusion import Exclusion
 
-__all__ = ["knn_predict", "knn_accuracy"]
+__all__ = ["knn_predict", "knn_accuracy", "Exclusion"]
 
 # faiss' GPU flat index supports k up to this value; larger k falls back to CPU.
 _GPU_MAX_K = 2048
@@ -54,6 +55,7 @@ def knn_predict(
     use_gpu: bool | None = None,
     batch_size: int = 4096,
     exclude_self: bool = False,
+    exclude: Exclusion | None = None,
 ) -> np.ndarray:
     """Predict a label for every query row by similarity-weighted kNN vote.
 
@@ -77,6 +79,12 @@ def knn_predict(
             e.g. leave-one-out monitoring: each query's own row is dropped from
             its neighbours (the duplicate with the same index, not just "the
             first hit", so exact duplicates elsewhere in the bank still count).
+        exclude: per query, the bank rows that are the query's own image
+            (:class:`downstream.exclusion.Exclusion`, e.g. ``Exclusion.by_key(query_ids,
+            bank_ids)``): they are never neighbours. The search asks for
+            ``k + exclude.max_per_query`` neighbours and keeps the first k that
+            are not excluded; a query with fewer than k bank rows left votes with
+            all of them. Positional ``exclude_self`` is ``Exclusion.self_rows``.
 
     Returns:
         (Q,) array of predicted labels (dtype of ``train_labels``). Ties between
@@ -104,15 +112,26 @@ def knn_predict(
                 f"train_labels must lie in [0, num_classes={num_classes}), got range "
                 f"[{labels.min()}, {labels.max()}]"
             )
-    if exclude_self and query.shape[0] != n:
-        raise ValueError(
-            f"exclude_self=True needs query == train, got {query.shape[0]} queries vs {n} train rows"
-        )
-    usable = n - 1 if exclude_self else n
-    if usable < 1:
+    if exclude_self:
+        if exclude is not None:
+            raise ValueError("give exclude_self or exclude, not both")
+        if query.shape[0] != n:
+            raise ValueError(
+                f"exclude_self=True needs query == train, got {query.shape[0]} queries vs {n} train rows"
+            )
+        exclude = Exclusion.self_rows(n)
+    if exclude is not None:
+        exclude.check(query.shape[0], n)
+        if exclude.total == 0:
+            exclude = None
+    if n < 1:
         raise ValueError("not enough train points to find any neighbour")
-    k_eff = min(int(k), usable)
-    k_search = k_eff + 1 if exclude_self else k_eff
+    if exclude is not None and np.any(exclude.counts >= n):
+        first = int(np.flatnonzero(exclude.counts >= n)[0])
+        raise ValueError(f"not enough train points to find any neighbour: query {first} excludes all {n} "
+                         "train rows as its own image")
+    k_eff = min(int(k), n)
+    k_search = min(n, k_eff + (exclude.max_per_query if exclude is not None else 0))
 
     classes, codes = np.unique(labels, return_inverse=True)
     codes = codes.ravel().astype(np.int64)
@@ -124,18 +143,15 @@ def knn_predict(
         q = query[start : start + batch_size]
         b = q.shape[0]
         sims, nbrs = index.search(q, k_search)
-        if exclude_self:
-            own = np.arange(start, start + b)[:, None]
-            drop = nbrs == own
-            # Self not retrieved (ties among duplicates): drop the weakest hit
-            # instead, so every row keeps exactly k_eff neighbours.
-            missing = ~drop.any(axis=1)
-            drop[missing, -1] = True
-            keep = ~drop
-            sims = sims[keep].reshape(b, k_eff)
-            nbrs = nbrs[keep].reshape(b, k_eff)
         sims = sims.astype(np.float64)
-        weights = np.exp((sims - sims.max(axis=1, keepdims=True)) / temperature)
+        keep = nbrs >= 0
+        if exclude is not None:
+            keep &= ~exclude.mask(start, nbrs)
+            # the first k_eff neighbours that are not the query's own image (fewer where fewer are left)
+            keep &= np.cumsum(keep, axis=1) <= k_eff
+        nbrs = np.where(keep, nbrs, 0)
+        top = np.where(keep, sims, -np.inf).max(axis=1, keepdims=True)
+        weights = np.where(keep, np.exp((np.where(keep, sims, top) - top) / temperature), 0.0)
         flat = (np.arange(b)[:, None] * c + codes[nbrs]).ravel()
         scores = np.bincount(flat, weights=weights.ravel(), minlength=b * c).reshape(b, c)
         out[start : start + b] = scores.argmax(axis=1)

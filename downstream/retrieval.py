@@ -8,6 +8,12 @@ Two protocols:
   unseen-class evaluation.
 * queries = evaluation split, gallery = training split (``gallery_x``/``gallery_labels``).
 
+Either way a query must not find its own image: ``exclude`` (a :class:`downstream.exclusion.Exclusion`, e.g.
+built from image ids or pixel digests) lists per query the gallery items that ARE the query's image. They are
+left out of the ranking (reported as index -1 at its end) and of R, so an evaluation split that overlaps
+the gallery cannot score by finding itself. Leave-one-out without ``exclude`` removes the query's own row by
+position.
+
 Distances: ``euclidean``, ``cosine`` (L2-normalised, inner product) and ``mahalanobis`` (Euclidean after
 whitening with the mean and shrunk inverse-square-root covariance of the TRAINING embeddings, so the
 evaluation split never shapes its own metric).
@@ -22,6 +28,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from downstream.exclusion import Exclusion
 
 DISTANCES = ("euclidean", "cosine", "mahalanobis")
 DEFAULT_RECALL_AT = (1, 2, 4, 8)
@@ -110,20 +118,32 @@ def _prepare(queries: np.ndarray, gallery: np.ndarray, distance: str, whitening:
     return queries, gallery
 
 
+def _excluded_gallery(queries: np.ndarray, gallery: np.ndarray | None, exclude: Exclusion | None):
+    """(gallery or the queries, leave-one-out by position?, exclusion or None) after checking the sizes."""
+    if exclude is None:
+        return gallery, gallery is None, None
+    n_gallery = len(queries) if gallery is None else len(gallery)
+    exclude.check(len(queries), n_gallery)
+    return (queries if gallery is None else gallery), False, exclude
+
+
 def ranked_gallery(queries: np.ndarray, gallery: np.ndarray | None = None, *, distance: str = "cosine",
-                   whitening: Whitening | None = None, block: int | None = None):
+                   whitening: Whitening | None = None, block: int | None = None, exclude: Exclusion | None = None):
     """Yield ``(rows, ranking)`` blocks: the whole gallery's indices (block, G) per query, nearest first.
 
     ``gallery=None`` is leave-one-out: the gallery is the queries and each query's own row is removed
-    (by index, so exact duplicates of it stay in the ranking). Ties keep gallery order (stable sort), so
+    (by index, so exact duplicates of it stay in the ranking). With ``exclude`` (see the module docstring)
+    its pairs are removed instead (``gallery=None`` then means the gallery is the queries): each ranking
+    keeps its G columns, the excluded items come last as -1. Ties keep gallery order (stable sort), so
     rankings are reproducible. mAP needs the full ranking, which is why this sorts BLAS distances instead
     of asking faiss for k = G neighbours (its heap search measured 4x slower on CPU for 5000 x 5000).
     """
-    loo = gallery is None
+    gallery, loo, exclude = _excluded_gallery(queries, gallery, exclude)
     q, g = _prepare(queries, queries if loo else gallery, distance, whitening)
-    n_gallery = len(g) - int(loo)
-    if n_gallery < 1:
-        raise ValueError(f"retrieval needs at least one gallery image per query, got a gallery of {n_gallery}")
+    n_gallery = len(g) - (int(loo) if exclude is None else exclude.min_per_query)
+    if n_gallery < 1 or (exclude is not None and exclude.max_per_query >= len(g)):
+        raise ValueError(f"retrieval needs at least one gallery image per query, got a gallery of "
+                         f"{min(n_gallery, len(g) - (exclude.max_per_query if exclude is not None else 0))}")
     # Per query the ranking only needs ||g||^2 - 2 q.g (euclidean) or -q.g (cosine: unit vectors).
     g_sq = (g * g).sum(axis=1) if distance != "cosine" else np.zeros(len(g))
     block = block or max(1, _BLOCK_BYTES // (40 * len(g)))
@@ -132,24 +152,32 @@ def ranked_gallery(queries: np.ndarray, gallery: np.ndarray | None = None, *, di
         scores = g_sq[None, :] - 2.0 * (q[rows] @ g.T)
         if loo:
             scores[np.arange(len(rows)), rows] = np.inf  # self sorts last, then is cut off
+        if exclude is not None:
+            scores[exclude.pairs(start, start + len(rows))] = np.inf  # sort last, then become -1
         ranking = np.argsort(scores, axis=1, kind="stable")
+        if exclude is not None:
+            left = len(g) - exclude.counts[rows]
+            ranking[np.arange(len(g))[None, :] >= left[:, None]] = -1
         yield rows, ranking[:, :n_gallery] if loo else ranking
 
 
 def faiss_ranked_gallery(queries: np.ndarray, gallery: np.ndarray | None = None, *, depth: int,
-                         distance: str = "cosine", whitening: Whitening | None = None, use_gpu: bool | None = None):
+                         distance: str = "cosine", whitening: Whitening | None = None, use_gpu: bool | None = None,
+                         exclude: Exclusion | None = None):
     """Like :func:`ranked_gallery`, but only each query's `depth` nearest gallery images, from a faiss flat
     index (on all GPUs when faiss sees one): what large galleries use. Leave-one-out drops the query's own
-    row (searching one neighbour deeper)."""
+    row (searching one neighbour deeper); ``exclude`` drops its pairs (searching ``max_per_query`` deeper),
+    a query with fewer than `depth` gallery items left gets -1 at the end of its ranking."""
     import faiss
 
-    loo = gallery is None
+    gallery, loo, exclude = _excluded_gallery(queries, gallery, exclude)
     q, g = _prepare(queries, queries if loo else gallery, distance, whitening)
     q, g = np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(g, dtype=np.float32)
-    depth = min(int(depth), len(g) - int(loo))
-    if depth < 1:
-        raise ValueError(f"retrieval needs at least one gallery image per query, got a gallery of {len(g) - int(loo)}")
-    k = depth + int(loo)
+    fewest_excluded = int(loo) if exclude is None else exclude.min_per_query
+    depth = min(int(depth), len(g) - fewest_excluded)
+    if depth < 1 or (exclude is not None and exclude.max_per_query >= len(g)):
+        raise ValueError(f"retrieval needs at least one gallery image per query, got a gallery of {len(g) - fewest_excluded}")
+    k = depth + int(loo) if exclude is None else min(len(g), depth + exclude.max_per_query)
     index = faiss.IndexFlatIP(g.shape[1]) if distance == "cosine" else faiss.IndexFlatL2(g.shape[1])
     if faiss.get_num_gpus() > 0 and use_gpu is not False and k <= 2048:
         index = faiss.index_cpu_to_all_gpus(index)
@@ -163,17 +191,29 @@ def faiss_ranked_gallery(queries: np.ndarray, gallery: np.ndarray | None = None,
             # the first `depth` entries that are not the query itself (if it was not found, the last is cut)
             order = np.argsort(~not_self, axis=1, kind="stable")[:, :depth]
             found = np.take_along_axis(found, order, axis=1)
+        elif exclude is not None:
+            dropped = exclude.mask(start, found) | (found < 0)
+            order = np.argsort(dropped, axis=1, kind="stable")[:, :depth]
+            found = np.where(np.take_along_axis(dropped, order, axis=1), -1, np.take_along_axis(found, order, axis=1))
         yield rows, found.astype(np.int64, copy=False)
 
 
 # --------------------------------------------------------------------------------------------- metrics
 
 
-def relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, leave_one_out: bool) -> np.ndarray:
-    """R per query: how many gallery images share its label (itself excluded in leave-one-out)."""
+def relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray, leave_one_out: bool,
+                    exclude: Exclusion | None = None) -> np.ndarray:
+    """R per query: how many gallery images share its label (itself excluded in leave-one-out, the query's
+    own images in ``exclude`` excluded when given)."""
     values, counts = np.unique(gallery_labels, return_counts=True)
     lookup = dict(zip(values.tolist(), counts.tolist()))
-    r = np.array([lookup.get(v, 0) for v in np.asarray(query_labels).tolist()], dtype=np.int64)
+    query_labels = np.asarray(query_labels)
+    r = np.array([lookup.get(v, 0) for v in query_labels.tolist()], dtype=np.int64)
+    if exclude is not None:
+        exclude.check(len(query_labels), len(gallery_labels))
+        rows, banks = exclude.pairs(0, exclude.n_queries)
+        same = np.asarray(gallery_labels)[banks] == query_labels[rows]
+        return r - np.bincount(rows[same], minlength=len(r))
     return r - 1 if leave_one_out else r
 
 
@@ -215,7 +255,8 @@ def default_recall_at(gallery_size: int) -> list[int]:
 def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[int] | None = None,
                       metric: str = "cosine", gallery_features: np.ndarray | None = None,
                       gallery_labels: np.ndarray | None = None, train_features: np.ndarray | None = None,
-                      shrinkage: float | str = "auto", exact_max: int = EXACT_RANKING_MAX) -> dict[str, float]:
+                      shrinkage: float | str = "auto", exact_max: int = EXACT_RANKING_MAX,
+                      exclude: Exclusion | None = None) -> dict[str, float]:
     """Recall@ks, R-precision, MAP@R and mAP (full ranking) of `features` as queries.
 
     Galleries larger than `exact_max` are searched with faiss to the depth Recall@K and MAP@R need; mAP
@@ -223,12 +264,16 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[
 
     Without a gallery, leave-one-out on `features`; with one, queries search the gallery. `metric` is the
     distance; ``mahalanobis`` whitens with `train_features` (falling back to the gallery when it is the
-    training split). ``ks=None``: see :func:`default_recall_at`.
+    training split). ``ks=None``: see :func:`default_recall_at`. ``exclude``: per query, the gallery items
+    (the queries themselves when there is no gallery) that are the query's own image; they are neither ranked
+    nor counted in R (``retrieval_excluded_matches`` says how many pairs were removed).
     """
     labels = np.asarray(labels)
     features = np.asarray(features)
     if len(labels) != len(features):
         raise ValueError(f"retrieval: {len(features)} embeddings but {len(labels)} labels")
+    if exclude is not None and gallery_features is None:
+        gallery_features, gallery_labels = features, labels  # the exclusion replaces the positional self-removal
     loo = gallery_features is None
     if loo:
         g_labels = labels
@@ -238,7 +283,9 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[
         g_labels = np.asarray(gallery_labels)
         if len(g_labels) != len(gallery_features):
             raise ValueError(f"retrieval: {len(gallery_features)} gallery embeddings but {len(g_labels)} labels")
-    n_gallery = len(g_labels) - int(loo)
+    if exclude is not None:
+        exclude.check(len(features), len(g_labels))
+    n_gallery = len(g_labels) - (int(loo) if exclude is None else exclude.min_per_query)
     ks = sorted({int(k) for k in (default_recall_at(n_gallery) if ks is None else ks)})
     if not ks or ks[0] < 1:
         raise ValueError(f"retrieval: recall_at values must be >= 1, got {ks}")
@@ -252,22 +299,24 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[
         whitening = fit_whitening(source, shrinkage)
         out["retrieval_whitening_shrinkage"] = whitening.shrinkage
 
-    r_all = relevant_counts(labels, g_labels, loo)
+    r_all = relevant_counts(labels, g_labels, loo, exclude)
     sums: dict[str, float] = {}
     scored = 0
     exact = n_gallery <= exact_max
     if exact:
-        rankings = ranked_gallery(features, None if loo else gallery_features, distance=metric, whitening=whitening)
+        rankings = ranked_gallery(features, None if loo else gallery_features, distance=metric, whitening=whitening,
+                                  exclude=exclude)
     else:
         depth = max(max(ks), int(r_all.max()))
         rankings = faiss_ranked_gallery(features, None if loo else gallery_features, depth=depth, distance=metric,
-                                        whitening=whitening)
+                                        whitening=whitening, exclude=exclude)
     for rows, ranking in rankings:
         r = r_all[rows]
         keep = r > 0
         if not keep.any():
             continue
-        relevant = g_labels[ranking[keep]] == labels[rows[keep]][:, None]
+        found = ranking[keep]
+        relevant = (g_labels[np.maximum(found, 0)] == labels[rows[keep]][:, None]) & (found >= 0)
         for name, values in ranking_metrics(relevant, r[keep], ks).items():
             if name == "map" and not exact:
                 continue  # a truncated ranking cannot give the full average precision
@@ -277,4 +326,6 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[
         raise ValueError("retrieval: no query has a relevant gallery image (every label occurs once)")
     out.update({name: total / scored for name, total in sums.items()})
     out["retrieval_queries"] = float(scored)
+    if exclude is not None:
+        out["retrieval_excluded_matches"] = float(exclude.total)
     return out

@@ -2,6 +2,13 @@
 
 Raw pixels (`input: pixels`) go through the same path, so every backbone is judged against the same
 baseline with the same code.
+
+No nearest-neighbour metric may find a query's own image: on a folder without train/ and test/ the
+evaluation split IS the training split, and every kNN query would find its copy in the bank (raw pixels
+scored 0.88 on random labels, chance 0.14). :func:`self_matches` says, per evaluation image, which training
+(or, for leave-one-out retrieval, evaluation) images are the same image: same id (source path) when both
+sets carry ids, else the same pixels (ImageSet.row_digests). kNN and retrieval leave those out; the metrics
+`knn_excluded_matches` / `retrieval_excluded_matches` count the removed pairs and metrics.json records the rule.
 """
 
 from __future__ import annotations
@@ -39,25 +46,45 @@ def backbone_features(artifact: Path, images: np.ndarray, batch_size: int, *, ba
     )
 
 
+def identity_rule(a: ImageSet, b: ImageSet) -> str:
+    """How images of `a` and `b` are recognised as the same image: "id" when both carry ids, else "pixels"."""
+    return "id" if a.ids is not None and b.ids is not None else "pixels"
+
+
+def self_matches(queries: ImageSet, bank: ImageSet):
+    """(Exclusion, rule): per query image, the bank images that ARE it, by id when both sets carry ids
+    (rule "id"), else by pixel digest (rule "pixels"). See downstream.exclusion.Exclusion."""
+    from downstream.exclusion import Exclusion
+
+    query_keys, bank_keys, rule = queries.identity_keys(bank)
+    return Exclusion.by_key(query_keys, bank_keys), rule
+
+
 def quick_evaluate(artifact: Path, train: ImageSet, evalset: ImageSet, *, k: int = 200, temperature: float = 0.1,
                    seed: int = 0, batch_size: int = 512) -> dict[str, float]:
-    """kNN accuracy and k-means NMI only: what a pretext stage reports about its backbone."""
+    """kNN accuracy (each evaluation image's own copies in the training split excluded, see
+    :func:`self_matches`) and k-means NMI only: what a pretext stage reports about its backbone and what
+    `sslpipe retrain` compares."""
     from clustering import kmeans, l2_normalize, nmi
     from downstream.knn import knn_accuracy
 
+    exclude, _ = self_matches(evalset, train)
     train_x = backbone_features(artifact, train.images, batch_size)
     eval_x = backbone_features(artifact, evalset.images, batch_size)
     clusters = len(np.unique(evalset.labels))
     km = kmeans(l2_normalize(eval_x), min(clusters, len(eval_x)), seed=seed)
     return {
-        "knn_accuracy": knn_accuracy(train_x, train.labels, eval_x, evalset.labels, k=k, temperature=temperature),
+        "knn_accuracy": knn_accuracy(train_x, train.labels, eval_x, evalset.labels, k=k, temperature=temperature,
+                                     exclude=exclude),
         "nmi": nmi(evalset.labels, km.assignments),
+        "knn_excluded_matches": float(exclude.total),
     }
 
 
 def _retrieval(stage: EvaluateStage, train_x: np.ndarray, train: ImageSet, eval_x: np.ndarray,
                evalset: ImageSet, log: Callable[[str], None]) -> dict[str, float]:
-    """Retrieval metrics of the evaluation split: leave-one-out, or eval queries against the train split."""
+    """Retrieval metrics of the evaluation split: leave-one-out, or eval queries against the train split;
+    either way without the query's own image in the gallery (:func:`self_matches`)."""
     from downstream.retrieval import relevant_counts, retrieval_metrics
 
     name = stage.name
@@ -66,17 +93,19 @@ def _retrieval(stage: EvaluateStage, train_x: np.ndarray, train: ImageSet, eval_
     if gallery == "train" and train.labels is None:
         log(f"[{name}] retrieval against the train split skipped: the train split has no labels")
         return {}
-    g_labels = train.labels if gallery == "train" else evalset.labels
-    if not (relevant_counts(evalset.labels, g_labels, leave_one_out=gallery == "eval") > 0).any():
+    g_set = train if gallery == "train" else evalset
+    exclude, rule = self_matches(evalset, g_set)
+    if not (relevant_counts(evalset.labels, g_set.labels, leave_one_out=False, exclude=exclude) > 0).any():
         why = "shares no class with the train split" if gallery == "train" else "has no two images of one class"
         log(f"[{name}] retrieval skipped: the evaluation split {why}")
         return {}
     metrics = retrieval_metrics(
         eval_x, evalset.labels, ks=stage.recall_at, metric=distance,
-        gallery_features=train_x if gallery == "train" else None,
-        gallery_labels=train.labels if gallery == "train" else None,
-        train_features=train_x, shrinkage=stage.mahalanobis_shrinkage,
+        gallery_features=train_x if gallery == "train" else eval_x, gallery_labels=g_set.labels,
+        train_features=train_x, shrinkage=stage.mahalanobis_shrinkage, exclude=exclude,
     )
+    log(f"[{name}] retrieval: {exclude.total} query-gallery pairs left out as the same image "
+        f"(rule: same {rule})")
     recalls = sorted((k for k in metrics if k.startswith("recall_at_")), key=lambda k: int(k.rsplit("_", 1)[1]))
     shown = recalls + ["r_precision", "map_at_r", "map"]
     log(f"[{name}] retrieval ({distance}, gallery: {'leave-one-out' if gallery == 'eval' else 'train split'}, "
@@ -141,16 +170,30 @@ def evaluate(
         train.labels is not None and evalset.labels is not None
         and bool(set(np.unique(train.labels)) & set(np.unique(evalset.labels)))
     )
+    exclusion: dict[str, object] = {}
     if shared_classes:  # with disjoint classes (unseen-class protocol) a kNN vote cannot be right
+        exclude, rule = self_matches(evalset, train)
         metrics["knn_accuracy"] = knn_accuracy(
-            train_x, train.labels, eval_x, evalset.labels, k=stage.knn_k, temperature=stage.knn_temperature
+            train_x, train.labels, eval_x, evalset.labels, k=stage.knn_k, temperature=stage.knn_temperature,
+            exclude=exclude,
         )
+        metrics["knn_excluded_matches"] = float(exclude.total)
+        exclusion.update(knn_rule=rule, knn_excluded_matches=exclude.total,
+                         knn_queries_with_matches=int((exclude.counts > 0).sum()))
+        log(f"[{name}] kNN: {exclude.total} query-bank pairs left out as the same image (rule: same "
+            f"{rule}; {exclusion['knn_queries_with_matches']} of {len(eval_x)} "
+            "queries had a copy in the train split)")
         log(f"[{name}] kNN accuracy (k={stage.knn_k}, t={stage.knn_temperature}): {metrics['knn_accuracy']:.4f}")
 
     if stage.retrieval and evalset.labels is not None:
         t0 = time.time()
         metrics.update(_retrieval(stage, train_x, train, eval_x, evalset, log))
         metrics["retrieval_time_s"] = time.time() - t0
+        if "retrieval_excluded_matches" in metrics:
+            gallery_set = train if stage.retrieval_gallery == "train" else evalset
+            exclusion.update(retrieval_rule=identity_rule(evalset, gallery_set),
+                             retrieval_gallery=stage.retrieval_gallery,
+                             retrieval_excluded_matches=int(metrics["retrieval_excluded_matches"]))
 
     spherical = bool(stage.spherical_kmeans)
     feats = l2_normalize(eval_x)
@@ -215,7 +258,8 @@ def evaluate(
         except ImportError as err:
             log(f"[{name}] WARNING: UMAP plot skipped: {err}")
 
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # "exclusion": which rule kept each query's own image out of the kNN bank and retrieval gallery
+    (out_dir / "metrics.json").write_text(json.dumps({**metrics, "exclusion": exclusion}, indent=2))
     artifacts["metrics"] = str(out_dir / "metrics.json")
 
     if stage.html_report:

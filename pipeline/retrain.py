@@ -3,7 +3,7 @@
 It runs the pipeline, evaluates the new version (the candidate) and the version holding the `champion`
 alias on the same evaluation set, and moves the alias only when the candidate is better by at least
 `registry.min_improvement`. When the champion (or a candidate already judged) was trained on the same
-data with the same config, it does nothing.
+data with the same config, it does nothing. The promote/keep decision itself is :func:`gate`, a pure function.
 """
 
 from __future__ import annotations
@@ -17,6 +17,28 @@ from pipeline.config import PipelineConfig
 from pipeline.registry import (TAG_CONFIG, TAG_DATA, TAG_DECISION, already_judged, config_fingerprint,
                                download_backbone, evaluate_backbone, registry_client, version_by_alias)
 from pipeline.tracking import TrackingError
+
+# How each `registry.metric` is compared: both are higher-is-better.
+METRIC_MODES = {"knn_accuracy": "max", "nmi": "max"}
+TOLERANCE = 1e-12  # a gain equal to min_improvement up to float rounding (0.85 - 0.80 = 0.0499999...) counts
+
+
+def gate(candidate: float, champion: float | None, min_improvement: float, mode: str = "max") -> dict[str, Any]:
+    """Promote or keep: ``{"decision": "promote" | "keep", "reason": str, "gain": float | None}``.
+
+    The candidate is promoted when there is no champion, or when its gain over the champion (``candidate -
+    champion`` for ``mode="max"``, ``champion - candidate`` for ``"min"``) is at least `min_improvement`,
+    with a tolerance of 1e-12 for float rounding. A gain that is not a number (a NaN metric) keeps the champion.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"gate: mode must be 'max' or 'min', got {mode!r}")
+    if champion is None:
+        return {"decision": "promote", "reason": "no champion yet", "gain": None}
+    gain = candidate - champion if mode == "max" else champion - candidate
+    if gain >= min_improvement - TOLERANCE:
+        return {"decision": "promote", "reason": f"improved by {gain:+.4f} (needed {min_improvement:+.4f})",
+                "gain": gain}
+    return {"decision": "keep", "reason": f"changed by {gain:+.4f}, less than {min_improvement:+.4f}", "gain": gain}
 
 
 def retrain(config: PipelineConfig, output_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -75,9 +97,8 @@ def retrain(config: PipelineConfig, output_dir: Path, log: Callable[[str], None]
                       "config_fingerprint": config_fp},
         "champion": None,
     }
-    if champion is None:
-        decision.update(decision="promote", reason="no champion yet")
-    else:
+    champion_value = None
+    if champion is not None:
         tmp = Path(tempfile.mkdtemp(prefix="champion-", dir=output_dir))
         try:
             champion_dir = download_backbone(uri, name, str(champion.version), tmp)
@@ -88,11 +109,9 @@ def retrain(config: PipelineConfig, output_dir: Path, log: Callable[[str], None]
         decision["champion"] = {"version": str(champion.version), metric: champion_value,
                                 "data_fingerprint": champion.tags.get(TAG_DATA),
                                 "config_fingerprint": champion.tags.get(TAG_CONFIG)}
-        gain = candidate_value - champion_value
-        if gain >= reg.min_improvement - 1e-12:
-            decision.update(decision="promote", reason=f"{metric} improved by {gain:+.4f} (needed {reg.min_improvement:+.4f})")
-        else:
-            decision.update(decision="keep", reason=f"{metric} changed by {gain:+.4f}, less than {reg.min_improvement:+.4f}")
+    verdict = gate(candidate_value, champion_value, reg.min_improvement, METRIC_MODES[metric])
+    decision.update(decision=verdict["decision"], gain=verdict["gain"],
+                    reason=verdict["reason"] if champion is None else f"{metric} {verdict['reason']}")
 
     client = registry_client(uri)
     if decision["decision"] == "promote":

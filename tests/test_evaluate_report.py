@@ -80,7 +80,9 @@ def test_metrics_of_a_full_run(full_run):
     assert "recall_at_2" not in metrics  # recall_at: [1, 4] was asked for
     assert metrics["clusters"] == 4  # four well-separated quadrants
     assert metrics["recall_at_1"] > 0.9 and metrics["pair_f1"] > 0.9
-    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)
+    written = json.loads((out / "metrics.json").read_text())
+    assert written.pop("exclusion")["knn_rule"] == "pixels"  # which rule kept self-matches out (no ids here)
+    assert written == pytest.approx(metrics)
     assert any("chose k=4" in line for line in lines)
     assert any("pair F1" in line for line in lines)
     np.testing.assert_allclose(np.linalg.norm(np.load(artifacts["centroids"]), axis=1), 1.0, atol=1e-5)

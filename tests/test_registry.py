@@ -1,13 +1,17 @@
 """Model registry and `sslpipe retrain`: promote, keep and no-op, with real MLflow alias moves.
 
-One small labelled image folder grows between retrains (new data, same config). The first retrain is
-judged by the real evaluation; later ones fake only the metric values (keyed by the data the backbone
-saw), so that promote and keep do not depend on how well a one-epoch backbone happens to train.
+One small labelled image folder grows between retrains (new data, same config). Its labels carry no
+information (both class folders hold images from one distribution) and it has no train/test split, so the
+evaluation split is the training split: the real evaluations must sit near chance, not near 1.0 as when every
+kNN query found its own image in the bank. The first retrain is judged by the real evaluation; later ones fake
+only the metric values the gate sees (keyed by the data the backbone saw), so that promote and keep do not
+depend on how well a one-epoch backbone happens to train, while the real values are still computed and checked.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import textwrap
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config, validate_config
+from pipeline.retrain import METRIC_MODES, gate
 
 CONFIG = textwrap.dedent(
     """
@@ -33,15 +38,24 @@ CONFIG = textwrap.dedent(
 
 
 def add_images(root: Path, start: int, count: int) -> None:
-    """Two classes that differ in colour and stripe direction, so kNN on any embedding is easy-ish."""
+    """Two class folders of images from ONE distribution (colour and stripe direction drawn at random for each
+    image, whatever its folder): the labels carry no information, so kNN accuracy is at chance (1/2)."""
     rng = np.random.default_rng(start)
-    for cls, (colour, axis) in {"red": ((200, 40, 40), 0), "blue": ((40, 40, 200), 1)}.items():
+    looks = [((200, 40, 40), 0), ((40, 40, 200), 1), ((200, 40, 40), 1), ((40, 40, 200), 0)]
+    for cls in ("red", "blue"):
         (root / cls).mkdir(parents=True, exist_ok=True)
         for i in range(start, start + count):
+            colour, axis = looks[int(rng.integers(0, len(looks)))]
             img = rng.integers(0, 60, (16, 16, 3)).astype(np.int32) + np.array(colour)
             stripes = (np.arange(16) % 4 < 2)[:, None] if axis == 0 else (np.arange(16) % 4 < 2)[None, :]
             img = np.where(stripes[..., None], img, img // 2)
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / cls / f"{i:03d}.png")
+
+
+def chance_bound(images: int, classes: int = 2, sigmas: float = 4.0) -> float:
+    """Chance accuracy plus `sigmas` binomial standard deviations over `images` queries."""
+    p = 1.0 / classes
+    return p + sigmas * math.sqrt(p * (1 - p) / images)
 
 
 def count_runs(uri: str) -> int:
@@ -69,6 +83,7 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from pipeline import evaluate as evaluation
     from pipeline import retrain as retraining
     from pipeline.backbones import load_backbone, read_backbone_meta
     from pipeline.cli import main
@@ -86,12 +101,24 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
         evaluated.append(read_backbone_meta(artifact)["data_fingerprint"])
         return real_evaluate(artifact, *args, **kwargs)
 
+    real_quick = evaluation.quick_evaluate
+    quick: list[dict[str, float]] = []  # every real evaluation: what evaluate_backbone read its metric from
+
+    def recording_quick(*args, **kwargs):
+        quick.append(real_quick(*args, **kwargs))
+        return quick[-1]
+
     # 1. No champion yet: the first candidate is promoted (real evaluation).
+    monkeypatch.setattr(evaluation, "quick_evaluate", recording_quick)
     monkeypatch.setattr(retraining, "evaluate_backbone", recording_evaluate)
     first = retraining.retrain(config, out, log=lambda s: None)
     assert first["decision"] == "promote" and first["champion"] is None
     assert first["candidate"]["version"] == "1" and champion_version(uri, "tiny-backbone") == "1"
-    assert 0.0 <= first["candidate"]["knn_accuracy"] <= 1.0 and len(evaluated) == 1
+    # 64 images, 2 uninformative classes: kNN below 1/2 + 4 * sqrt(1/4 / 64) = 0.75 (the leak scored ~1.0).
+    assert 0.0 <= first["candidate"]["knn_accuracy"] < chance_bound(64) and len(evaluated) == 1
+    # It excluded every query's own image (the folder has no split: each of the 64 queries is in the bank once).
+    assert [q["knn_excluded_matches"] for q in quick] == [64.0]
+    assert quick[0]["knn_accuracy"] == first["candidate"]["knn_accuracy"]
     fp1 = first["candidate"]["data_fingerprint"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["retrain"]["decision"] == "promote" and summary["registry"]["version"] == "1"
@@ -121,10 +148,27 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     # 3. New data; the candidate beats the champion by more than the margin: the alias moves.
     add_images(data, 32, 8)
     scores = {fp1: 0.50}
-    monkeypatch.setattr(retraining, "evaluate_backbone",
-                        lambda artifact, *a, **k: scores.get(read_backbone_meta(artifact)["data_fingerprint"], 0.90))
+    real: dict[str, float] = {}
+
+    def scored(artifact, *a, **k):
+        """The gate sees the fake score; the real evaluation of the same backbone is kept for the checks."""
+        fp = read_backbone_meta(artifact)["data_fingerprint"]
+        real[fp] = real_evaluate(artifact, *a, **k)
+        return scores.get(fp, 0.90)
+
+    monkeypatch.setattr(retraining, "evaluate_backbone", scored)
     second = retraining.retrain(config, out, log=lambda s: None)
     assert second["decision"] == "promote", second
+    # The real evaluations of champion (v1) and candidate (v2) on the 80 images: both near chance, so on these
+    # labels neither can beat the other by min_improvement through self-matches.
+    assert set(real) == {fp1, second["candidate"]["data_fingerprint"]}, real
+    assert all(0.0 <= v < chance_bound(80) for v in real.values()), real
+    assert [q["knn_excluded_matches"] for q in quick[1:]] == [80.0, 80.0]
+    print(f"real kNN accuracy at chance 0.5: v1 on 64 images {quick[0]['knn_accuracy']:.4f}; on 80 images: "
+          + ", ".join(f"{q['knn_accuracy']:.4f}" for q in quick[1:]))
+    # The gate as configured (knn_accuracy, higher is better, min_improvement 0.05) decided it.
+    assert second["min_improvement"] == 0.05 and second["gain"] == pytest.approx(0.40)
+    assert second["decision"] == gate(0.90, 0.50, 0.05, METRIC_MODES["knn_accuracy"])["decision"]
     assert second["champion"] == {"version": "1", "knn_accuracy": 0.5, "data_fingerprint": fp1,
                                   "config_fingerprint": first["candidate"]["config_fingerprint"]}
     assert second["candidate"]["version"] == "2" and second["candidate"]["knn_accuracy"] == 0.9
@@ -139,6 +183,7 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
                         lambda artifact, *a, **k: scores.get(read_backbone_meta(artifact)["data_fingerprint"], 0.83))
     third = retraining.retrain(config, out, log=lambda s: None)
     assert third["decision"] == "keep", third
+    assert third["gain"] == pytest.approx(0.03) and "less than +0.0500" in third["reason"]
     assert third["champion"]["version"] == "2" and third["candidate"]["version"] == "3"
     assert champion_version(uri, "tiny-backbone") == "2"
     all_versions = versions(uri, "tiny-backbone")
@@ -180,3 +225,40 @@ def test_retrain_without_a_backbone_stage_exits_2(tmp_path, capsys):
     path.write_text("name: p\ndata: {source: digits}\nstages: [{name: pixels, kind: evaluate, input: pixels}]\n")
     assert main(["retrain", str(path), "--output-dir", str(tmp_path / "out")]) == 2
     assert "no pretext or refine stage" in capsys.readouterr().err
+
+
+# The promote/keep gate, a pure function: min_improvement 0.05 with the 1e-12 float tolerance.
+@pytest.mark.parametrize(("candidate", "champion", "min_improvement", "metric", "expected"), [
+    (0.85, 0.80, 0.05, "knn_accuracy", "promote"),         # gain exactly 0.05 (0.0499999... in floats)
+    (0.30, 0.25, 0.05, "knn_accuracy", "promote"),         # exactly at the margin again, other rounding
+    (0.85 - 1e-9, 0.80, 0.05, "knn_accuracy", "keep"),     # just below the margin
+    (0.90, 0.80, 0.05, "knn_accuracy", "promote"),         # above
+    (0.80, 0.80, 0.0, "knn_accuracy", "promote"),          # min_improvement 0: a tie promotes
+    (0.79, 0.80, 0.0, "knn_accuracy", "keep"),             # negative gain
+    (0.70, 0.80, 0.05, "knn_accuracy", "keep"),            # negative gain
+    (0.10, None, 0.05, "knn_accuracy", "promote"),         # no champion
+    (0.62, 0.60, 0.02, "nmi", "promote"),                  # nmi, higher is better: at the margin
+    (0.61, 0.60, 0.02, "nmi", "keep"),                     # nmi below the margin
+    (0.55, 0.60, 0.02, "nmi", "keep"),                     # nmi got worse
+    (float("nan"), 0.60, 0.0, "nmi", "keep"),              # a metric that is not a number never promotes
+])
+def test_gate_boundaries(candidate, champion, min_improvement, metric, expected):
+    verdict = gate(candidate, champion, min_improvement, METRIC_MODES[metric])
+    assert verdict["decision"] == expected, verdict
+    if champion is None:
+        assert verdict["gain"] is None and verdict["reason"] == "no champion yet"
+    elif candidate == candidate:
+        assert verdict["gain"] == pytest.approx(candidate - champion)
+
+
+def test_gate_modes():
+    import typing
+
+    from pipeline.config import RegistryConfig
+
+    assert set(METRIC_MODES) == {"knn_accuracy", "nmi"} and set(METRIC_MODES.values()) == {"max"}
+    # every metric the config accepts has a mode
+    assert set(typing.get_args(RegistryConfig.model_fields["metric"].annotation)) == set(METRIC_MODES)
+    assert gate(0.40, 0.50, 0.05, "min")["decision"] == "promote"  # lower-is-better, for a future metric
+    with pytest.raises(ValueError, match="mode"):
+        gate(0.5, 0.4, 0.0, "up")

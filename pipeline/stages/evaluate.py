@@ -1,8 +1,12 @@
 """Evaluate stages: embed both splits with a backbone (or take raw pixels) and measure it: kNN accuracy,
-retrieval, k-means and its metrics, plots, per-cluster pages, assignments and an HTML report."""
+retrieval, k-means and its metrics, plots, per-cluster pages, assignments and an HTML report.
+
+Which rule kept each query's own image out of the kNN bank and the retrieval gallery (same id or same pixels,
+metrics.json's "exclusion") is also set as tags `sslpipe.exclusion.*` of the stage's MLflow run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pipeline.config import EvaluateStage
@@ -17,4 +21,7 @@ class EvaluateExecutor(Executor):
         artifact = Path(run.input_backbone) if run.input_backbone else None
         metrics, artifacts = evaluate(stage, artifact=artifact, train=ctx.train, evalset=ctx.evalset,
                                       out_dir=ctx.stage_dir(stage.name), seed=ctx.config.seed, log=ctx.log)
+        exclusion = json.loads(Path(artifacts["metrics"]).read_text()).get("exclusion") or {}
+        if exclusion and ctx.tracker is not None:
+            ctx.tracker.set_tags(run.run_id, {f"sslpipe.exclusion.{k}": v for k, v in exclusion.items()})
         return StageResult(metrics=metrics, artifacts=artifacts)

@@ -21,10 +21,12 @@ class MetricExecutor(TrainingExecutor):
         result = train_stage(ctx, stage, run, labels=ctx.train.labels)
         if stage.retrieval and ctx.evalset is not None and ctx.evalset.labels is not None:
             from downstream.retrieval import retrieval_metrics
-            from pipeline.evaluate import backbone_features
+            from pipeline.evaluate import backbone_features, self_matches
 
             features = backbone_features(Path(result.artifacts["backbone"]), ctx.evalset.images, batch_size=512)
-            metrics = retrieval_metrics(features, ctx.evalset.labels)
+            # leave-one-out by identity: each query's own image (and its copies, by id or pixels) left out
+            exclude, _ = self_matches(ctx.evalset, ctx.evalset)
+            metrics = retrieval_metrics(features, ctx.evalset.labels, exclude=exclude)
             ctx.log(f"[{stage.name}] retrieval on {ctx.config.data.eval_split}: "
                     + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             result.metrics.update(metrics)

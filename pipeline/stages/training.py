@@ -21,7 +21,7 @@ from pipeline.store import replace_dir_atomic
 
 # Metrics a training stage logs when it ends (its per-epoch metrics were logged by the rank-0 worker).
 FINAL_METRICS = ("stage_time_s", "knn_accuracy", "nmi", "ari", "cluster_accuracy", "accuracy", "top5_accuracy",
-                 "labeled_images", "map_at_r")
+                 "labeled_images", "map_at_r", "knn_excluded_matches", "retrieval_excluded_matches")
 
 
 def channel_stats(images: np.ndarray, in_chans: int, max_images: int = 20000) -> tuple[list[float], list[float]]:
