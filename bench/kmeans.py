@@ -25,6 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import add_results_argument, write_section  # noqa: E402
+
 HEADING = "## faiss vs scikit-learn k-means"
 
 
@@ -92,14 +94,13 @@ def main() -> None:
                         help="threads for both libraries (default: all cores). faiss' OpenMP slows down badly "
                              "when the cores are shared with other busy processes; 1 thread is then fairer")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
+    add_results_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.points, args.ks, args.repeats = 6000, [10], 1
 
     import faiss
     from threadpoolctl import threadpool_info, threadpool_limits
-
-    from bench.speed import write_section
 
     if args.threads is not None:
         faiss.omp_set_num_threads(args.threads)
@@ -154,8 +155,8 @@ def main() -> None:
         lines.append("")
         lines.append(f"k={rows[0]['k']}: |NMI(faiss) - NMI(scikit-learn)| = {gap:.4f} "
                      f"({'within' if gap <= 0.01 else 'NOT within'} 0.01).")
-    write_section(ROOT / "bench" / "RESULTS.md", HEADING, "\n".join(lines))
-    print(f"wrote the '{HEADING}' section of bench/RESULTS.md")
+    write_section(lines[0], "\n".join(lines[1:]), args.results)
+    print(f"wrote the '{HEADING}' section of {args.results}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work"
 
-from bench.speed import fresh_run_command, machine, write_section  # noqa: E402
+from bench.results import RESULTS, add_results_argument, write_section  # noqa: E402
+from bench.speed import fresh_run_command, machine  # noqa: E402
 
 LOSSES = ("contrastive", "triplet", "margin", "multi_similarity", "quadruplet")
 KEYS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r")
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (RESULTS.md untouched)")
     parser.add_argument("--reuse", action="store_true", help="report the last run again")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_results_argument(parser)
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
     out = WORK / ("metric_quick" if args.quick else "metric")
@@ -149,8 +151,8 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if not args.quick:
-        write_section(ROOT / "bench" / "RESULTS.md", HEADING, text)
+    if not args.quick or args.results != RESULTS:  # --quick alone leaves RESULTS.md alone
+        write_section(lines[0], "\n".join(lines[1:]), args.results)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work"
 
-from bench.speed import fresh_run_command, machine, write_section  # noqa: E402
+from bench.results import add_results_argument, write_section  # noqa: E402
+from bench.speed import fresh_run_command, machine  # noqa: E402
 
 
 def run(config: str, reuse: bool, overrides: list[str], out: Path | None = None) -> dict:
@@ -45,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_results_argument(parser)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     fm = run("fmnist_all_pretext", args.reuse, args.overrides)
@@ -85,7 +87,7 @@ def main() -> None:
     lines.append("")
     text = "\n".join(lines)
     print(text)
-    write_section(ROOT / "bench" / "RESULTS.md", "## Pretext methods side by side", text)
+    write_section(lines[0], "\n".join(lines[1:]), args.results)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work"
 
-from bench.speed import fresh_run_command, machine, write_section  # noqa: E402
+from bench.results import add_results_argument, write_section  # noqa: E402
+from bench.speed import fresh_run_command, machine  # noqa: E402
 
 
 def run(config: str, reuse: bool, extra: list[str]) -> tuple[dict, float]:
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["quickstart", "fmnist_simclr"])
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs under bench/_work")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_results_argument(parser)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -83,7 +85,7 @@ def main() -> None:
     lines.append("")
     text = "\n".join(lines)
     print(text)
-    write_section(ROOT / "bench" / "RESULTS.md", "## SimCLR quality on Fashion-MNIST", text)
+    write_section(lines[0], "\n".join(lines[1:]), args.results)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work"
 
+from bench.results import add_results_argument, write_section  # noqa: E402
+
 
 def machine() -> str:
     cpu = "unknown CPU"
@@ -217,6 +219,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--stem-stride", type=int, default=2)
     parser.add_argument("--method", choices=["simclr", "moco"], default="simclr")
+    add_results_argument(parser)
     args = parser.parse_args()
     if args.method == "moco":
         return moco_main(args)
@@ -268,7 +271,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    write_section(ROOT / "bench" / "RESULTS.md", "## SimCLR training speed", text)
+    write_section(lines[0], "\n".join(lines[1:]), args.results)
 
 
 def moco_main(args) -> None:
@@ -280,7 +283,7 @@ def moco_main(args) -> None:
     ours_fast = ray_stage(len(data), args.batch, 2, args.stem_stride, fast=True, method="moco")
     ours1 = ray_stage(len(data), args.batch, 2, args.stem_stride, fast=False, method="moco", workers=1)
     ours1_fast = ray_stage(len(data), args.batch, 2, args.stem_stride, fast=True, method="moco", workers=1)
-    text = "\n".join([
+    lines = [
         "## MoCo training speed (bench/speed.py --method moco)",
         "",
         f"Machine: {machine()}.",
@@ -301,17 +304,9 @@ def moco_main(args) -> None:
         "Both one-sided (`symmetric: false`, as lightly's example); our default symmetric loss does twice the "
         "encoder passes per image.",
         "",
-    ])
-    print(text)
-    write_section(ROOT / "bench" / "RESULTS.md", "## MoCo training speed", text)
-
-
-def write_section(path: Path, heading: str, text: str) -> None:
-    """Replace (or append) one `## ` section of RESULTS.md, keeping the others."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    parts = old.split("\n## ")
-    kept = [parts[0].rstrip("\n")] + ["## " + p.rstrip("\n") for p in parts[1:] if not ("## " + p).startswith(heading)]
-    path.write_text("\n\n".join(kept + [text.rstrip("\n")]) + "\n")
+    ]
+    print("\n".join(lines))
+    write_section(lines[0], "\n".join(lines[1:]), args.results)
 
 
 if __name__ == "__main__":
