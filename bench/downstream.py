@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work"
 
-from bench.speed import fresh_run_command, machine, write_section  # noqa: E402
+from bench.results import RESULTS, add_results_argument, write_section  # noqa: E402
+from bench.speed import fresh_run_command, machine  # noqa: E402
 
 CONFIG = ROOT / "configs" / "fmnist_finetune.yaml"
 BACKBONES = (("random", "random init"), ("simclr", "SimCLR"), ("stml", "SimCLR + STML"))
@@ -108,8 +109,8 @@ def label_efficiency(args: argparse.Namespace) -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    target = WORK / "RESULTS.quick.md" if args.quick else ROOT / "bench" / "RESULTS.md"
-    write_section(target, "## Label efficiency", text)
+    target = WORK / "RESULTS.quick.md" if args.quick and args.results == RESULTS else args.results
+    write_section(lines[0], "\n".join(lines[1:]), target)
     print(f"wrote {target}")
 
 
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke check on a tiny subset; RESULTS.md untouched")
     parser.add_argument("--reuse", action="store_true", help="reuse a finished run's summary.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_results_argument(parser)
     args = parser.parse_args()
     if not args.label_efficiency:
         parser.error("choose a benchmark: --label-efficiency")

@@ -3,10 +3,12 @@
 Embeddings: the 60,000 Fashion-MNIST training images, pixels scaled to [0, 1], projected to 128-d by a
 fixed Gaussian random matrix (seed 0) — a realistic, non-trivial cluster structure with labels to score
 against. Both implementations start from the SAME k-means++ centroids (sklearn.cluster.kmeans_plusplus,
-seed 0, computed once and not timed), run the same number of Lloyd iterations (n_init=1, tol=0; sklearn
-may stop earlier if the assignment stops changing, its iteration count is reported) on ALL points
+seed 0, computed once and not timed), run up to the same number of Lloyd iterations (n_init=1, tol=0) on ALL points
 (faiss' 256-points-per-centroid subsampling is switched off), each with all cores. A third row shows
-faiss with its default subsampling, as the evaluate stage runs it. Wall times are the best of
+faiss with its default subsampling, as the evaluate stage runs it. The iterations column is what each run
+performed, not what was asked for: scikit-learn's ``n_iter_`` (it stops once the assignment stops changing)
+and the length of faiss' ``iteration_stats`` (faiss may stop early, ``early_stop_threshold``, or skip
+training when k equals the number of points). Wall times are the best of
 `--repeats` runs. Writes the section "## faiss vs scikit-learn k-means" of bench/RESULTS.md.
 
 Usage: python bench/kmeans.py [--quick] [--repeats 3] [--iterations 20] [--threads N] [--no-write]
@@ -15,6 +17,7 @@ Usage: python bench/kmeans.py [--quick] [--repeats 3] [--iterations 20] [--threa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -24,6 +27,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.results import add_results_argument, write_section  # noqa: E402
 
 HEADING = "## faiss vs scikit-learn k-means"
 
@@ -46,6 +51,36 @@ def best_of(repeats: int, fn):
     return best, result
 
 
+@contextlib.contextmanager
+def faiss_iterations():
+    """Record the Lloyd iterations each faiss.Kmeans.train call made inside ``clustering.kmeans`` (which builds its
+    own faiss.Kmeans and keeps only the centroids): len(iteration_stats), one entry per iteration performed,
+    summed over faiss' restarts (``nredo``; 1 here)."""
+    import faiss
+
+    performed: list[int] = []
+    original = faiss.Kmeans
+
+    class RecordingKmeans(original):
+        def train(self, *args, **kwargs):
+            out = super().train(*args, **kwargs)
+            performed.append(len(self.iteration_stats))
+            return out
+
+    faiss.Kmeans = RecordingKmeans
+    try:
+        yield performed
+    finally:
+        faiss.Kmeans = original
+
+
+def performed_iterations(counts: list[int]):
+    """One count when every repeat made as many iterations (the usual case), else "min-max"."""
+    if not counts:
+        raise RuntimeError("faiss.Kmeans.train was not called: cannot tell how many iterations it made")
+    return counts[0] if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+
+
 def compare(x: np.ndarray, labels: np.ndarray, k: int, iterations: int, repeats: int) -> list[dict]:
     import faiss
     from sklearn.cluster import KMeans, kmeans_plusplus
@@ -56,10 +91,11 @@ def compare(x: np.ndarray, labels: np.ndarray, k: int, iterations: int, repeats:
     init, _ = kmeans_plusplus(x, k, random_state=0)
     rows = []
 
-    t, res = best_of(repeats, lambda: kmeans(x, k, niter=iterations, init_centroids=init, use_gpu=False,
-                                             max_points_per_centroid=len(x)))
-    rows.append(dict(impl="faiss (all points)", k=k, time=t, iters=iterations, assign=res.assignments,
-                     inertia=res.inertia))
+    with faiss_iterations() as performed:
+        t, res = best_of(repeats, lambda: kmeans(x, k, niter=iterations, init_centroids=init, use_gpu=False,
+                                                 max_points_per_centroid=len(x)))
+    rows.append(dict(impl="faiss (all points)", k=k, time=t, iters=performed_iterations(performed),
+                     assign=res.assignments, inertia=res.inertia))
 
     def sk():
         return KMeans(k, init=init, n_init=1, max_iter=iterations, tol=0.0, algorithm="lloyd").fit(x)
@@ -68,9 +104,10 @@ def compare(x: np.ndarray, labels: np.ndarray, k: int, iterations: int, repeats:
     rows.append(dict(impl="scikit-learn (all points)", k=k, time=t, iters=int(model.n_iter_), assign=model.labels_,
                      inertia=float(model.inertia_)))
 
-    t, res = best_of(repeats, lambda: kmeans(x, k, niter=iterations, init_centroids=init, use_gpu=False))
-    rows.append(dict(impl="faiss (default: 256 points per centroid)", k=k, time=t, iters=iterations,
-                     assign=res.assignments, inertia=res.inertia))
+    with faiss_iterations() as performed:
+        t, res = best_of(repeats, lambda: kmeans(x, k, niter=iterations, init_centroids=init, use_gpu=False))
+    rows.append(dict(impl="faiss (default: 256 points per centroid)", k=k, time=t,
+                     iters=performed_iterations(performed), assign=res.assignments, inertia=res.inertia))
 
     reference = rows[1]
     for row in rows:
@@ -92,14 +129,13 @@ def main() -> None:
                         help="threads for both libraries (default: all cores). faiss' OpenMP slows down badly "
                              "when the cores are shared with other busy processes; 1 thread is then fairer")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
+    add_results_argument(parser)
     args = parser.parse_args()
     if args.quick:
         args.points, args.ks, args.repeats = 6000, [10], 1
 
     import faiss
     from threadpoolctl import threadpool_info, threadpool_limits
-
-    from bench.speed import write_section
 
     if args.threads is not None:
         faiss.omp_set_num_threads(args.threads)
@@ -109,7 +145,7 @@ def main() -> None:
     for k in args.ks:
         rows = compare(x, labels, k, args.iterations, args.repeats)
         for row in rows:
-            print(f"k={k:4d}  {row['impl']:42s} {row['time']:7.2f}s  iters {row['iters']:3d}  "
+            print(f"k={k:4d}  {row['impl']:42s} {row['time']:7.2f}s  iters {row['iters']!s:>3}  "
                   f"NMI(labels) {row['nmi_labels']:.4f}  NMI(vs sklearn) {row['nmi_sklearn']:.4f}  "
                   f"sklearn/this time {row['ratio']:.2f}x", flush=True)
         table.append(rows)
@@ -137,8 +173,9 @@ def main() -> None:
         "",
         f"Embeddings: {len(x):,} Fashion-MNIST training images, pixels in [0, 1] randomly projected to "
         f"{x.shape[1]}-d (Gaussian matrix, seed 0), float32. Both start from the same k-means++ centroids and "
-        f"run up to {args.iterations} Lloyd iterations (n_init=1, tol=0) on all points; the last row is faiss "
+        f"are asked for {args.iterations} Lloyd iterations (n_init=1, tol=0) on all points; the last row is faiss "
         "as the evaluate stage calls it (it trains on at most 256 points per centroid, then assigns all). "
+        "Iterations: those each run performed (scikit-learn's n_iter_; faiss: the length of its iteration_stats). "
         f"Times: best of {args.repeats}. Speed-up = scikit-learn time / row time. NMI against the 10 labels, "
         "and against the scikit-learn clustering.",
         "",
@@ -154,8 +191,8 @@ def main() -> None:
         lines.append("")
         lines.append(f"k={rows[0]['k']}: |NMI(faiss) - NMI(scikit-learn)| = {gap:.4f} "
                      f"({'within' if gap <= 0.01 else 'NOT within'} 0.01).")
-    write_section(ROOT / "bench" / "RESULTS.md", HEADING, "\n".join(lines))
-    print(f"wrote the '{HEADING}' section of bench/RESULTS.md")
+    write_section(lines[0], "\n".join(lines[1:]), args.results)
+    print(f"wrote the '{HEADING}' section of {args.results}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work"
 
-from bench.speed import fresh_run_command, machine, write_section  # noqa: E402
+from bench.results import RESULTS, add_results_argument, write_section  # noqa: E402
+from bench.speed import fresh_run_command, machine  # noqa: E402
 
 LOSSES = ("contrastive", "triplet", "margin", "multi_similarity", "quadruplet")
 KEYS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r")
@@ -81,6 +82,51 @@ def untrained_metrics(summary: dict, config: dict) -> dict[str, float]:
     return retrieval_metrics(x, evalset.labels)
 
 
+def one_or_each(values: dict[str, object]) -> str:
+    """A setting as run: its value when every metric stage ran with the same, else each stage's."""
+    distinct = {str(v) for v in values.values()}
+    return distinct.pop() if len(distinct) == 1 else "; ".join(f"{k}: {v}" for k, v in values.items())
+
+
+def classes(ids) -> str:
+    ids = sorted(ids or [])
+    if not ids:
+        return "all classes"
+    if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 2:
+        return f"classes {ids[0]}-{ids[-1]}"
+    return "classes " + ", ".join(map(str, ids))
+
+
+def describe(config: dict, overrides: list[str], quick: bool, train_n: int, eval_n: int) -> str:
+    """The header's protocol text, from the resolved config the run wrote (so --set overrides show)."""
+    from downstream.settings import LOSS_MINERS
+
+    data, bb = config["data"], config["backbone"]
+    metric = [s for s in config["stages"] if s["kind"] == "metric"]
+    each = lambda f: one_or_each({s["name"]: f(s) for s in metric})  # noqa: E731
+    pixels = next((s for s in config["stages"] if s["name"] == "pixels"), None)
+    stem = f"small stem stride {bb['stem_stride']}" if bb["small_image_stem"] else "standard stem"
+    sets = "".join(f" --set {o}" for o in overrides)
+    miners = each(lambda s: "hardest negatives among original and synthetic points (EE)"
+                  if s["settings"]["embedding_expansion"]["enabled"]
+                  else (s["settings"].get("miner") or LOSS_MINERS[s["settings"]["loss"]][0]))
+    return (
+        f"Command: `python bench/metric.py{' --quick' if quick else ''}{sets}` (configs/fmnist_metric.yaml, one "
+        f"stage per row; every figure below is read from the run's resolved config): {train_n} labelled "
+        f"{data['source']} training images of {classes(data.get('train_classes'))}, "
+        f"{each(lambda s: s['epochs'])} epoch(s), batch {each(lambda s: s['batch_size'])} "
+        f"({each(lambda s: s['settings']['images_per_class'])} images per class), "
+        f"{each(lambda s: s['optimizer']['name'])} lr {each(lambda s: s['optimizer']['lr'])}, "
+        f"{each(lambda s: s['settings']['embedding_dim'])}-d L2-normalized embedding on {bb['name']} ({stem}, "
+        f"{bb['image_size']} px), {config['ray']['num_workers']} Ray Train worker(s), seed {config.get('seed', 0)}. "
+        f"Every stage starts from {each(lambda s: 'the same random init (no pretraining)' if not s.get('input') else s['input'])}. "
+        f"Evaluation: leave-one-out retrieval (cosine; raw pixels: "
+        f"{pixels.get('retrieval_distance', 'cosine') if pixels else '-'}) on {eval_n} test images of the unseen "
+        f"{classes(data.get('eval_classes'))}. Miners as run: {miners}. Embedding Expansion (EE) points per "
+        f"positive pair: {each(lambda s: s['settings']['embedding_expansion']['points'])}."
+    )
+
+
 def fmt(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -90,6 +136,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (RESULTS.md untouched)")
     parser.add_argument("--reuse", action="store_true", help="report the last run again")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_results_argument(parser)
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
     out = WORK / ("metric_quick" if args.quick else "metric")
@@ -106,22 +153,18 @@ def main() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["stages"]
-    start_point = untrained_metrics(summary, config)
+    resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())  # what the run ran, --set included
+    start_point = untrained_metrics(summary, resolved)
 
-    metric = next(s for s in config["stages"] if s["kind"] == "metric")
+    from bench.quality import measured_sizes
+    from pipeline.config import load_config
+
+    train_n, eval_n = measured_sizes(load_config(out / "config.resolved.yaml"))
     lines = [
         f"{HEADING} (bench/metric.py)",
         "",
         f"Machine: {machine()}.",
-        f"Command: `python bench/metric.py{' --quick' if args.quick else ''}` (configs/fmnist_metric.yaml, one stage per "
-        f"row): {size['train_subset']} labelled Fashion-MNIST training images of classes 0-4, {size['epochs']} epoch(s), "
-        f"batch {size['batch_size']} (4 images per class), AdamW lr {metric['optimizer']['lr']}, 128-d L2-normalized "
-        f"embedding on resnet18 (small stem stride 2, {size['image_size']} px), 2 Ray Train workers. Every stage starts "
-        f"from the same random init (no pretraining). Evaluation: leave-one-out retrieval (cosine) on "
-        f"{size['eval_subset']} test images of the unseen classes 5-9. Miners: each loss's default (contrastive: all "
-        "pairs; triplet: semi-hard; margin: distance-weighted; multi-similarity: its miner; quadruplet: batch-hard). "
-        "With Embedding Expansion (EE, 2 points per positive pair) the hardest negatives among original and "
-        "synthetic points replace the miner.",
+        describe(resolved, args.overrides, args.quick, train_n, eval_n),
         "",
         "| embedding | EE | " + " | ".join(KEYS) + " | stage time (s) |",
         "|---|---|" + "---|" * (len(KEYS) + 1),
@@ -149,8 +192,8 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    if not args.quick:
-        write_section(ROOT / "bench" / "RESULTS.md", HEADING, text)
+    if not args.quick or args.results != RESULTS:  # --quick alone leaves RESULTS.md alone
+        write_section(lines[0], "\n".join(lines[1:]), args.results)
 
 
 if __name__ == "__main__":

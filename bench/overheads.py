@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work" / "overheads"
 
-from bench.speed import machine, write_section  # noqa: E402
+from bench.results import add_results_argument, write_section  # noqa: E402
+from bench.speed import machine  # noqa: E402
 
 FULL = ("configs/quickstart.yaml", ["data.train_subset=2000", "data.eval_subset=500", "stages.simclr.epochs=3",
                                     "stages.evaluate.tsne=false", "ray.max_failures=1"])
@@ -76,6 +77,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny digits pipeline: checks the script, numbers are rough")
+    add_results_argument(parser)
     args = parser.parse_args()
 
     shutil.rmtree(WORK, ignore_errors=True)
@@ -127,7 +129,7 @@ def main() -> None:
 
     shown = " ".join(["sslpipe run", config_arg if not args.quick else "<digits 256 images, test_resnet, 3 epochs>",
                       *[f"--set {o}" for o in overrides], "--output-dir ..."])
-    text = "\n".join([
+    lines = [
         "## Operational overheads (bench/overheads.py)",
         "",
         f"Machine: {machine()}; local Ray started by the command; 2 Ray Train workers.",
@@ -141,9 +143,9 @@ def main() -> None:
         f"| whole first run, including the restart | {first_wall:.1f} |",
         f"| cached rerun of the finished pipeline (every stage reused, Ray not started) | {cached_wall:.1f} |",
         f"| `--dry-run` of the finished pipeline | {dry_wall:.1f} |",
-    ])
-    print(text)
-    write_section(ROOT / "bench" / "RESULTS.md", "## Operational overheads", text)
+    ]
+    print("\n".join(lines))
+    write_section(lines[0], "\n".join(lines[1:]), args.results)
 
 
 if __name__ == "__main__":

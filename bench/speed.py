@@ -7,6 +7,10 @@
 3. a bare forward+backward+step on ready-made views (no augmentation, no data path), and our
    in-process method step on the same batch, to show the data path is not the bottleneck.
 
+Two statistics, never mixed in one ratio: the loop mean (images / total time of the timed steps, what
+the Ray rows' epoch figure is, stalls included) and the median step (images / median step time, which
+hides stalls). A ratio compares loop mean with loop mean, or median step with median step.
+
 Writes a section of bench/RESULTS.md.   Usage: python bench/speed.py [--steps 6] [--batch 256]
 """
 
@@ -27,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 WORK = ROOT / "bench" / "_work"
+
+from bench.results import add_results_argument, write_section  # noqa: E402
 
 
 def machine() -> str:
@@ -84,14 +90,22 @@ def fresh_run_command(config: Path | str, out: Path, overrides: list[str] | tupl
 
 
 def throughput(batch: int, step_times: list[float]) -> float:
-    """Images/s over all timed steps (total images / total time), the statistic of our Ray rows' epoch mean.
-
-    Why not the median step: a DataLoader stall is part of a loop's speed; the median would hide it.
-    """
+    """Loop mean: images/s over all timed steps (total images / total time), the statistic of our Ray rows'
+    epoch figure. A DataLoader stall is part of a loop's speed; the median would hide it."""
     return batch * len(step_times) / float(np.sum(step_times))
 
 
-def lightly_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> float:
+def median_step(batch: int, step_times: list[float]) -> float:
+    """Median step: images / median step time (fixed batch); compare it only with another median step."""
+    return batch / float(np.median(step_times))
+
+
+def speeds(batch: int, step_times: list[float]) -> dict[str, float]:
+    """Both statistics of one timed loop: {"mean": loop mean, "median": median step}, images/s."""
+    return {"mean": throughput(batch, step_times), "median": median_step(batch, step_times)}
+
+
+def lightly_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> dict[str, float]:
     """lightly's SimCLR example, unchanged in substance: PIL dataset -> SimCLRTransform -> DataLoader."""
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
@@ -115,10 +129,10 @@ def lightly_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> 
         optimizer.step()
         if step > 0:  # the first step pays for worker start-up
             times.append(time.perf_counter() - t0)
-    return throughput(batch, times)
+    return speeds(batch, times)
 
 
-def lightly_moco_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> float:
+def lightly_moco_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> dict[str, float]:
     """lightly's MoCo v2 example: momentum key encoder, NT-Xent with a memory bank, PIL + DataLoader."""
     import copy
 
@@ -150,11 +164,13 @@ def lightly_moco_loop(data: np.ndarray, batch: int, steps: int, stem_stride: int
         optimizer.step()
         if step > 0:
             times.append(time.perf_counter() - t0)
-    return throughput(batch, times)
+    return speeds(batch, times)
 
 
-def method_steps(data: np.ndarray, batch: int, steps: int, stem_stride: int, channels_last: bool) -> tuple[float, float]:
-    """(our in-process SimCLR step, bare fwd+bwd on ready views): images/s, same model and batch."""
+def method_steps(data: np.ndarray, batch: int, steps: int, stem_stride: int,
+                 channels_last: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """(our in-process SimCLR step, bare fwd+bwd on ready views): images/s as loop mean and median step, same
+    model and batch (one fixed batch: no data path)."""
     from pretext import build_method
 
     backbone, dim = build(stem_stride)
@@ -184,7 +200,7 @@ def method_steps(data: np.ndarray, batch: int, steps: int, stem_stride: int, cha
         if step > 0:
             ours.append(t1 - t0)
             bare.append(t2 - t1)
-    return batch / float(np.median(ours)), batch / float(np.median(bare))
+    return speeds(batch, ours), speeds(batch, bare)
 
 
 def ray_stage(n: int, batch: int, epochs: int, stem_stride: int, fast: bool, method: str = "simclr",
@@ -217,6 +233,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--stem-stride", type=int, default=2)
     parser.add_argument("--method", choices=["simclr", "moco"], default="simclr")
+    add_results_argument(parser)
     args = parser.parse_args()
     if args.method == "moco":
         return moco_main(args)
@@ -225,25 +242,24 @@ def main() -> None:
     data = images(max(n, 2 * args.batch))
     torch.manual_seed(0)
 
-    rows = []
-    lightly_ips = lightly_loop(data, args.batch, args.steps, args.stem_stride)
-    rows.append(("lightly example loop (PIL + DataLoader), fp32", lightly_ips))
-    ours_ips, bare_ips = method_steps(data, args.batch, args.steps, args.stem_stride, channels_last=False)
+    lightly = lightly_loop(data, args.batch, args.steps, args.stem_stride)
+    ours, bare = method_steps(data, args.batch, args.steps, args.stem_stride, channels_last=False)
     ours_cl, bare_cl = method_steps(data, args.batch, args.steps, args.stem_stride, channels_last=True)
     epochs = 2
     ray_fp32 = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=False)
     ray_fast = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=True)
     ray1_fp32 = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=False, workers=1)
     ray1_fast = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=True, workers=1)
-    rows += [
-        ("sslpipe SimCLR stage, Ray Train 2 workers, fp32", ray_fp32),
-        ("sslpipe SimCLR stage, Ray Train 2 workers, fast option", ray_fast),
-        ("sslpipe SimCLR stage, Ray Train 1 worker (all cores), fp32", ray1_fp32),
-        ("sslpipe SimCLR stage, Ray Train 1 worker (all cores), fast option", ray1_fast),
-        ("sslpipe SimCLR method step in-process, fp32", ours_ips),
-        ("bare fwd+bwd on ready views, fp32", bare_ips),
-        ("sslpipe SimCLR method step in-process, channels_last", ours_cl),
-        ("bare fwd+bwd on ready views, channels_last", bare_cl),
+    rows = [
+        ("lightly example loop (PIL + DataLoader), fp32", lightly),
+        ("sslpipe SimCLR stage, Ray Train 2 workers, fp32", {"mean": ray_fp32}),
+        ("sslpipe SimCLR stage, Ray Train 2 workers, fast option", {"mean": ray_fast}),
+        ("sslpipe SimCLR stage, Ray Train 1 worker (all cores), fp32", {"mean": ray1_fp32}),
+        ("sslpipe SimCLR stage, Ray Train 1 worker (all cores), fast option", {"mean": ray1_fast}),
+        ("sslpipe SimCLR method step in-process (one fixed batch), fp32", ours),
+        ("bare fwd+bwd on ready views (one fixed batch), fp32", bare),
+        ("sslpipe SimCLR method step in-process (one fixed batch), channels_last", ours_cl),
+        ("bare fwd+bwd on ready views (one fixed batch), channels_last", bare_cl),
     ]
     lines = [
         "## SimCLR training speed (bench/speed.py)",
@@ -251,67 +267,74 @@ def main() -> None:
         f"Machine: {machine()}.",
         f"Command: `python bench/speed.py --steps {args.steps} --batch {args.batch} --stem-stride {args.stem_stride}`; "
         f"resnet18 (small stem, stride {args.stem_stride}), 32 px, batch {args.batch} images (2 views each), Fashion-MNIST, "
-        "images/s = images (not views) per second: lightly rows over all steps after the first (which starts "
-        "the DataLoader workers), Ray rows over their last epoch, in-process rows the median step.",
+        f"images/s = images (not views) per second, as two statistics: loop mean = images / total time of the timed "
+        f"steps (lightly and in-process rows: the {args.steps} steps after the first, which starts the DataLoader "
+        "workers or warms up; Ray rows: their last epoch, as the stage reports it), median step = images / median "
+        "step time (lightly and in-process rows only). Ratios below compare loop mean with loop mean and median "
+        "step with median step, never one with the other.",
         "",
-        "| loop | images/s |",
-        "|---|---|",
-    ] + [f"| {name} | {ips:.1f} |" for name, ips in rows] + [
+        "| loop | loop mean images/s | median step images/s |",
+        "|---|---|---|",
+    ] + [f"| {name} | {cell(v, 'mean')} | {cell(v, 'median')} |" for name, v in rows] + [
         "",
-        f"- ours (Ray, fp32) / lightly loop: **{ray_fp32 / lightly_ips:.2f}x** with 2 workers, "
-        f"**{ray1_fp32 / lightly_ips:.2f}x** with 1 worker",
-        f"- ours (Ray, fast option: channels_last + compile + native bf16 if any) / lightly loop: "
-        f"**{ray_fast / lightly_ips:.2f}x** with 2 workers, **{ray1_fast / lightly_ips:.2f}x** with 1 worker",
-        f"- our step time / bare fwd+bwd step time: **{bare_ips / ours_ips:.3f}x** (fp32), "
-        f"**{bare_cl / ours_cl:.3f}x** (channels_last)",
+        f"- loop mean / loop mean, ours (Ray, fp32) / lightly loop: **{ray_fp32 / lightly['mean']:.2f}x** with 2 "
+        f"workers, **{ray1_fp32 / lightly['mean']:.2f}x** with 1 worker",
+        f"- loop mean / loop mean, ours (Ray, fast option: channels_last + compile + native bf16 if any) / lightly "
+        f"loop: **{ray_fast / lightly['mean']:.2f}x** with 2 workers, **{ray1_fast / lightly['mean']:.2f}x** with "
+        "1 worker",
+        f"- median step / median step, our in-process step (one fixed batch, augmentation included) / lightly's "
+        f"step (DataLoader batch): **{ours['median'] / lightly['median']:.2f}x** (fp32), "
+        f"**{ours_cl['median'] / lightly['median']:.2f}x** (channels_last)",
+        f"- median step / median step, our step time / bare fwd+bwd step time: "
+        f"**{bare['median'] / ours['median']:.3f}x** (fp32), **{bare_cl['median'] / ours_cl['median']:.3f}x** "
+        "(channels_last)",
         "",
     ]
     text = "\n".join(lines)
     print(text)
-    write_section(ROOT / "bench" / "RESULTS.md", "## SimCLR training speed", text)
+    write_section(lines[0], "\n".join(lines[1:]), args.results)
+
+
+def cell(speed: dict[str, float], statistic: str) -> str:
+    """One statistic of a row, '-' where the row has no such figure (Ray rows report the epoch's loop mean only)."""
+    return f"{speed[statistic]:.1f}" if statistic in speed else "-"
 
 
 def moco_main(args) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     data = images(max(args.batch * (args.steps + 1), 2 * args.batch))
     torch.manual_seed(0)
-    lightly_ips = lightly_moco_loop(data, args.batch, args.steps, args.stem_stride)
+    lightly = lightly_moco_loop(data, args.batch, args.steps, args.stem_stride)
     ours = ray_stage(len(data), args.batch, 2, args.stem_stride, fast=False, method="moco")
     ours_fast = ray_stage(len(data), args.batch, 2, args.stem_stride, fast=True, method="moco")
     ours1 = ray_stage(len(data), args.batch, 2, args.stem_stride, fast=False, method="moco", workers=1)
     ours1_fast = ray_stage(len(data), args.batch, 2, args.stem_stride, fast=True, method="moco", workers=1)
-    text = "\n".join([
+    lines = [
         "## MoCo training speed (bench/speed.py --method moco)",
         "",
         f"Machine: {machine()}.",
         f"Command: `python bench/speed.py --method moco --steps {args.steps} --batch {args.batch}`; resnet18 "
-        f"(small stem, stride {args.stem_stride}), 32 px, batch {args.batch}, queue 4096, momentum 0.99, Fashion-MNIST.",
+        f"(small stem, stride {args.stem_stride}), 32 px, batch {args.batch}, queue 4096, momentum 0.99, Fashion-MNIST. "
+        f"images/s as loop mean (images / total time: lightly's {args.steps} steps after the first, the Ray rows' "
+        "last epoch) and median step (images / median step time; lightly only). The ratios are loop mean / loop mean.",
         "",
-        "| loop | images/s |",
-        "|---|---|",
-        f"| lightly MoCo v2 example loop (PIL + DataLoader), fp32 | {lightly_ips:.1f} |",
-        f"| sslpipe MoCo v2 stage, Ray Train 2 workers, fp32 | {ours:.1f} |",
-        f"| sslpipe MoCo v2 stage, Ray Train 2 workers, fast option | {ours_fast:.1f} |",
-        f"| sslpipe MoCo v2 stage, Ray Train 1 worker (all cores), fp32 | {ours1:.1f} |",
-        f"| sslpipe MoCo v2 stage, Ray Train 1 worker (all cores), fast option | {ours1_fast:.1f} |",
+        "| loop | loop mean images/s | median step images/s |",
+        "|---|---|---|",
+        f"| lightly MoCo v2 example loop (PIL + DataLoader), fp32 | {cell(lightly, 'mean')} | {cell(lightly, 'median')} |",
+        f"| sslpipe MoCo v2 stage, Ray Train 2 workers, fp32 | {ours:.1f} | - |",
+        f"| sslpipe MoCo v2 stage, Ray Train 2 workers, fast option | {ours_fast:.1f} | - |",
+        f"| sslpipe MoCo v2 stage, Ray Train 1 worker (all cores), fp32 | {ours1:.1f} | - |",
+        f"| sslpipe MoCo v2 stage, Ray Train 1 worker (all cores), fast option | {ours1_fast:.1f} | - |",
         "",
-        f"- ours / lightly loop, 2 workers: **{ours / lightly_ips:.2f}x** (fp32), **{ours_fast / lightly_ips:.2f}x** "
-        f"(fast option: channels_last + compile + native bf16 if any); 1 worker: **{ours1 / lightly_ips:.2f}x** (fp32), "
-        f"**{ours1_fast / lightly_ips:.2f}x** (fast option). "
+        f"- loop mean / loop mean, ours / lightly loop, 2 workers: **{ours / lightly['mean']:.2f}x** (fp32), **{ours_fast / lightly['mean']:.2f}x** "
+        f"(fast option: channels_last + compile + native bf16 if any); 1 worker: **{ours1 / lightly['mean']:.2f}x** (fp32), "
+        f"**{ours1_fast / lightly['mean']:.2f}x** (fast option). "
         "Both one-sided (`symmetric: false`, as lightly's example); our default symmetric loss does twice the "
         "encoder passes per image.",
         "",
-    ])
-    print(text)
-    write_section(ROOT / "bench" / "RESULTS.md", "## MoCo training speed", text)
-
-
-def write_section(path: Path, heading: str, text: str) -> None:
-    """Replace (or append) one `## ` section of RESULTS.md, keeping the others."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    parts = old.split("\n## ")
-    kept = [parts[0].rstrip("\n")] + ["## " + p.rstrip("\n") for p in parts[1:] if not ("## " + p).startswith(heading)]
-    path.write_text("\n\n".join(kept + [text.rstrip("\n")]) + "\n")
+    ]
+    print("\n".join(lines))
+    write_section(lines[0], "\n".join(lines[1:]), args.results)
 
 
 if __name__ == "__main__":

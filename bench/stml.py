@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.pretext import WORK, run  # noqa: E402
-from bench.speed import machine, write_section  # noqa: E402
+from bench.results import add_results_argument, write_section  # noqa: E402
+from bench.speed import machine  # noqa: E402
 
 CONFIG_SEED = yaml.safe_load((ROOT / "configs" / "fmnist_stml.yaml").read_text())["seed"]  # the main section's run
 KEYS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "nmi")
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true")
     parser.add_argument("--seed", type=int, default=CONFIG_SEED)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    add_results_argument(parser)
     args = parser.parse_args()
     if any(o.replace(" ", "").startswith("seed=") for o in args.overrides):
         parser.error("give the seed with --seed N (its run gets its own folder), not --set seed=N")
@@ -126,7 +128,7 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    write_section(ROOT / "bench" / "RESULTS.md", heading + " (", text)
+    write_section(lines[0], "\n".join(lines[1:]), args.results)
 
 
 def paired_lines(stages: dict, config: dict) -> list[str]:
