@@ -367,8 +367,8 @@ def epoch_batches(w: Worker, epoch: int) -> list[np.ndarray]:
     return batches
 
 
-def train_step(w: Worker, idx: np.ndarray, epoch: int, step: int) -> dict[str, Any] | None:
-    """One optimizer step on the images `idx`; None when the loss is not finite on some rank (stop)."""
+def _forward(w: Worker, idx: np.ndarray) -> dict[str, Any]:
+    """The method's forward on the images `idx` (augmented, on the device, in the stage's layout)."""
     batch = torch.from_numpy(w.images[idx])
     if w.image_augment:
         batch = w.image_augment(batch)
@@ -382,7 +382,12 @@ def train_step(w: Worker, idx: np.ndarray, epoch: int, step: int) -> dict[str, A
         x, y = w.batch_mix(x, y)  # identity without mixup/cutmix; else soft targets
     x = x.contiguous(memory_format=torch.channels_last if w.stage["channels_last"] else torch.contiguous_format)
     with torch.autocast(device_type=w.device.type, dtype=torch.bfloat16, enabled=w.use_amp):
-        out = w.model(x) if y is None else w.model(x, y)
+        return w.model(x) if y is None else w.model(x, y)
+
+
+def train_step(w: Worker, idx: np.ndarray, epoch: int, step: int) -> dict[str, Any] | None:
+    """One optimizer step on the images `idx`; None when the loss is not finite on some rank (stop)."""
+    out = _forward(w, idx)
     loss = w.hooks.poison(out["loss"], epoch) if w.hooks else out["loss"]
     if not _all_finite(loss, w.world):
         # Stop cleanly instead of raising: Ray Train would retry a worker error up to max_failures
@@ -399,6 +404,55 @@ def train_step(w: Worker, idx: np.ndarray, epoch: int, step: int) -> dict[str, A
     if w.hooks:
         w.hooks.after_step(w.rank, epoch + 1, step + 1, w.start_epoch)
     return out
+
+
+def _untimed_step(w: Worker, idx: np.ndarray) -> float:
+    """Forward and backward on `idx` with no effect on training: no gradient sync, gradients dropped,
+    buffers (BatchNorm statistics, MoCo's queue) and random streams restored. Returns its seconds."""
+    import contextlib
+    import random
+
+    buffers = {name: b.detach().clone() for name, b in w.method.named_buffers()}
+    streams = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    started = time.perf_counter()
+    with (w.model.no_sync() if hasattr(w.model, "no_sync") else contextlib.nullcontext()):
+        _forward(w, idx)["loss"].backward()
+    seconds = time.perf_counter() - started
+    w.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, b in w.method.named_buffers():
+            b.copy_(buffers[name])
+    torch.set_rng_state(streams[0])
+    np.random.set_state(streams[1])
+    random.setstate(streams[2])
+    return seconds
+
+
+def warm_up_compile(w: Worker, trials: int = 2) -> dict[str, float]:
+    """Compile before the first timed step, then keep the compiled backbone only where it is faster.
+
+    The first untimed step compiles (its time is the compile time, reported apart from the epochs); the
+    next `trials` compiled and eager steps are compared (medians, the slower rank's view on every rank,
+    so all ranks decide alike). When compiling does not pay here, the stage falls back to eager.
+    """
+    idx = np.arange(min(w.local_batch, len(w.images)))
+    compile_s = _untimed_step(w, idx)
+    compiled = float(np.median([_untimed_step(w, idx) for _ in range(trials)]))
+    backbone = w.method.backbone
+    compiled_impl, backbone._compiled_call_impl = backbone._compiled_call_impl, None
+    eager = float(np.median([_untimed_step(w, idx) for _ in range(trials)]))
+    times = torch.tensor([compiled, eager], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
+    compiled, eager = float(times[0]), float(times[1])
+    keep = compiled < eager
+    if keep:
+        backbone._compiled_call_impl = compiled_impl
+    if w.rank == 0:
+        print(f"[{w.stage['name']}] compiled in {compile_s:.1f}s; step {compiled:.3f}s compiled vs {eager:.3f}s eager: "
+              + ("keeping the compiled backbone" if keep else "compiling does not pay here, training eagerly"),
+              flush=True)
+    return {"compile_time_s": compile_s, "compiled_step_s": compiled, "eager_step_s": eager, "compiled": float(keep)}
 
 
 def weights_finite(w: Worker, epoch: int) -> bool:
@@ -467,6 +521,10 @@ def train_worker(config: dict[str, Any]) -> None:
     epochs, tag = w.stage["epochs"], f"[{w.stage['name']}]"
     if w.rank == 0:
         _print_start(w)
+    if w.stage.get("compile") and w.start_epoch < epochs:
+        compile_report = warm_up_compile(w)
+        if w.rank == 0:
+            _log_mlflow(w.job.tracking_uri, w.job.run_id, compile_report, step=0)
     stage_start, steps_done = time.time(), 0
     for epoch in range(w.start_epoch, epochs):
         batches = epoch_batches(w, epoch)

@@ -83,3 +83,40 @@ def test_a_local_ray_leaves_out_its_metrics_collectors_unless_asked(monkeypatch,
     assert LEAN_LOCAL_RAY["enable_metrics_collection"] is False
     ray_init("10.0.0.5:6379", local_metrics=False)
     assert calls[-1]["address"] == "10.0.0.5:6379" and "_system_config" not in calls[-1]
+
+
+def test_compile_warm_up_leaves_training_untouched_and_keeps_the_faster_backbone():
+    """The warm-up compiles outside the timed epochs and has no effect on what the stage computes: weights,
+    BatchNorm statistics, gradients and the random streams are as before it; it keeps the compiled backbone
+    only when its step was faster than the eager one."""
+    import random
+    import types
+
+    import numpy as np
+
+    from pipeline.trainer import build_optimizer, build_stage_method, warm_up_compile
+
+    torch.manual_seed(0)
+    job = TrainJob(stage={"name": "s", "method": "simclr", "settings": {}, "channels_last": False, "compile": True},
+                   backbone={"name": "test_resnet", "small_image_stem": False, "stem_stride": 1, "in_chans": 3,
+                             "kwargs": {}, "image_size": 16},
+                   seed=0, data=[], mean=[0.5] * 3, std=[0.2] * 3)
+    method, _ = build_stage_method(job, torch.device("cpu"))
+    optimizer = build_optimizer(method.parameter_groups(1e-4), {"name": "adamw", "lr": 1e-3, "momentum": 0.9})
+    images = np.random.default_rng(0).integers(0, 255, size=(16, 1, 16, 16), dtype=np.uint8)
+    worker = types.SimpleNamespace(job=job, stage=job.stage, rank=0, world=1, device=torch.device("cpu"),
+                                   images=images, labels=None, model=method, method=method, image_augment=None,
+                                   batch_mix=None, local_batch=8, optimizer=optimizer, use_amp=False, hooks=None)
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    streams = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+
+    report = warm_up_compile(worker)
+
+    assert all(torch.equal(state[k], v) for k, v in method.state_dict().items())
+    assert all(p.grad is None for p in method.parameters())
+    assert torch.equal(torch.get_rng_state(), streams[0]) and np.array_equal(np.random.get_state()[1], streams[1])
+    assert random.getstate() == streams[2]
+    assert report["compile_time_s"] > report["compiled_step_s"] > 0 and report["eager_step_s"] > 0
+    kept = report["compiled_step_s"] < report["eager_step_s"]
+    assert report["compiled"] == float(kept)
+    assert (method.backbone._compiled_call_impl is not None) == kept
