@@ -76,7 +76,7 @@ def _draws() -> tuple:
 def _rng_child(rank: int, out_dir: Path) -> dict:
     import torch.distributed as dist
 
-    from pipeline.trainer import build_optimizer, gather_rng_states, load_checkpoint, lr_factor, save_checkpoint
+    from pipeline.trainer import gather_rng_states, load_checkpoint, save_checkpoint
 
     job, method, optimizer, scheduler, feature_dim = _tiny_training_state(seed=0)
     torch.manual_seed(100 + rank)
