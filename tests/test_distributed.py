@@ -33,7 +33,7 @@ def _spawn(fn, tmp_path: Path, *args) -> list[dict]:
     """Run fn(rank, out_dir, *args) in WORLD gloo processes; returns each rank's saved result."""
     port = free_ports(1)[0]
     mp.spawn(_child, args=(port, fn, str(tmp_path), args), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def _child(rank: int, port: int, fn, out_dir: str, args) -> None:
