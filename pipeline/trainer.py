@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -31,6 +32,7 @@ from pretext.embeddings import match_channels
 STATE_FILE = "state.safetensors"
 OPTIM_FILE = "optimizer.pt"
 PROGRESS_FILE = "progress.json"
+RNG_FILE = "rng.pt"  # one entry per rank: torch CPU/CUDA, numpy and Python RNG states
 BACKBONE_DIR = "backbone"
 
 
@@ -218,8 +220,51 @@ def batch_channels(method, backbone_cfg: dict[str, Any]) -> int:
     return type(method).backbone_channels or backbone_cfg["in_chans"]
 
 
-def save_checkpoint(directory: Path, method, optimizer, scheduler, progress: dict, job: TrainJob, feature_dim: int) -> None:
-    """Full training state plus a ready-to-use backbone artifact (the driver copies it out)."""
+def rng_state() -> dict[str, Any]:
+    """This process's random state: torch (CPU and every CUDA device), numpy's global RNG and Python's `random`.
+
+    Plain tensors, lists and numbers only, so `torch.load(weights_only=True)` reads it back."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned (CUDA states only where this process sees as many devices)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+def gather_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every rank's `rng_state()`, in rank order, on every rank (a collective: all ranks must call it).
+
+    Under Ray Train only rank 0 writes the checkpoint, so the other ranks' states travel to it this way."""
+    state = rng_state()
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        states: list[Any] = [None] * world
+        torch.distributed.all_gather_object(states, state)
+        return states
+    return [state]
+
+
+def save_checkpoint(directory: Path, method, optimizer, scheduler, progress: dict, job: TrainJob, feature_dim: int,
+                    rng_states: list[dict[str, Any]] | None = None) -> None:
+    """Full training state plus a ready-to-use backbone artifact (the driver copies it out).
+
+    `rng_states`: every rank's random state (`gather_rng_states`); this process's alone when not given."""
     from safetensors.torch import save_file
 
     from pipeline.backbones import save_backbone
@@ -227,6 +272,7 @@ def save_checkpoint(directory: Path, method, optimizer, scheduler, progress: dic
     state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
     save_file(state, str(directory / STATE_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / OPTIM_FILE)
+    torch.save(rng_states if rng_states is not None else [rng_state()], directory / RNG_FILE)
     (directory / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
     bb = job.backbone
     mean, std = method.input_normalization()
@@ -253,13 +299,22 @@ def save_checkpoint(directory: Path, method, optimizer, scheduler, progress: dic
     )
 
 
-def load_checkpoint(directory: Path, method, optimizer, scheduler) -> dict:
+def load_checkpoint(directory: Path, method, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restore weights, optimizer, schedule and `rank`'s random state; returns the progress record.
+
+    Call it after everything else that draws random numbers (model init), so training continues with the
+    random stream it had when the checkpoint was taken. A checkpoint from before RNG states were saved, or
+    from a run with fewer ranks, leaves this rank's seeded state as it is."""
     from safetensors.torch import load_file
 
     method.load_state_dict(load_file(str(directory / STATE_FILE)), strict=True)
     opt = torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
+    if (directory / RNG_FILE).exists():
+        states = torch.load(directory / RNG_FILE, map_location="cpu", weights_only=True)
+        if rank < len(states):
+            set_rng_state(states[rank])
     return json.loads((directory / PROGRESS_FILE).read_text())
 
 
@@ -347,7 +402,7 @@ def setup_worker(job: TrainJob, hooks: FaultHooks | None) -> Worker:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            progress = load_checkpoint(Path(ckpt_dir), raw, optimizer, scheduler)
+            progress = load_checkpoint(Path(ckpt_dir), raw, optimizer, scheduler, rank=rank)
         start_epoch = progress["epoch"] + 1
         if rank == 0:
             print(f"[{stage['name']}] resumed from checkpoint after epoch {start_epoch}/{stage['epochs']}", flush=True)
@@ -492,12 +547,13 @@ def report_epoch(w: Worker, metrics: dict[str, float], epoch: int) -> None:
     if (epoch + 1) % w.stage["checkpoint_every"] and epoch + 1 != w.stage["epochs"]:
         ray.train.report(metrics)
         return
+    rng_states = gather_rng_states(w.world)  # every rank's, before rank 0 alone writes the checkpoint
     tmp = Path(tempfile.mkdtemp(prefix="sslpipe-ckpt-"))
     try:
         ckpt = None
         if w.rank == 0:
             progress = {"epoch": epoch, "metrics": metrics, "resumed_at_epoch": w.start_epoch}
-            save_checkpoint(tmp, w.method, w.optimizer, w.scheduler, progress, w.job, w.feature_dim)
+            save_checkpoint(tmp, w.method, w.optimizer, w.scheduler, progress, w.job, w.feature_dim, rng_states)
             ckpt = ray.train.Checkpoint.from_directory(str(tmp))
         ray.train.report(metrics, checkpoint=ckpt)
     finally:

@@ -76,14 +76,19 @@ def _bytes(data: bytes):
     return lambda path: path.write_bytes(data)
 
 
-# file name -> (writer, "skip" + reason pattern | "load" + expected RGB at the centre)
+# file name -> (writer, "skip" + the whole reason as a pattern ({path}: the file's path) | "load" + expected RGB
+# at the centre)
 FILE_CASES = {
-    "corrupt.jpg": (_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8), ("skip", r"cannot identify image file")),
-    "truncated.jpg": (lambda p: p.write_bytes(_encoded("JPEG")[:-400]), ("skip", r"truncated")),
-    "truncated.png": (lambda p: p.write_bytes(_encoded("PNG")[:3000]), ("skip", r"truncated|broken|error")),
+    "corrupt.jpg": (_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8),
+                    ("skip", r"UnidentifiedImageError: cannot identify image file '{path}'")),
+    "truncated.jpg": (lambda p: p.write_bytes(_encoded("JPEG")[:-400]),
+                      ("skip", r"OSError: image file is truncated \(\d+ bytes not processed\)")),
+    "truncated.png": (lambda p: p.write_bytes(_encoded("PNG")[:3000]), ("skip", r"OSError: image file is truncated")),
     "zero-bytes.png": (_bytes(b""), ("skip", r"empty file \(0 bytes\)")),
-    "not-an-image.jpg": (_bytes(b"name,label\nfoo,1\n" * 50), ("skip", r"cannot identify image file")),
-    "huge-20000x20000.png": (_bytes(huge_png_header()), ("skip", r"decompression bomb guard")),
+    "not-an-image.jpg": (_bytes(b"name,label\nfoo,1\n" * 50),
+                         ("skip", r"UnidentifiedImageError: cannot identify image file '{path}'")),
+    "huge-20000x20000.png": (_bytes(huge_png_header()),
+                             ("skip", r"exceeds max_image_pixels=\d+ \(decompression bomb guard\): .+")),
     "rgba-transparent.png": (_save("RGBA", (255, 0, 0, 0)), ("load", (255, 255, 255))),
     "rgba-opaque.png": (_save("RGBA", (255, 0, 0, 255)), ("load", (255, 0, 0))),
     "gray-alpha.png": (_save("LA", (10, 255)), ("load", (10, 10, 10))),
@@ -110,10 +115,13 @@ def test_image_file_case(loaded_folder, name):
     ds, logs = loaded_folder
     outcome, expected = FILE_CASES[name][1]
     skipped = {Path(p).name: reason for p, reason in ds.skipped}
+    paths = {Path(p).name: p for p, _ in ds.skipped}
     loaded = {Path(p).name: ds.images[i] for i, p in enumerate(ds.ids)}
     if outcome == "skip":
         assert name in skipped and name not in loaded
-        assert re.search(expected, skipped[name], re.I), skipped[name]
+        # the exact reason of this kind of damage, not any message that mentions an error
+        pattern = expected.replace("{path}", re.escape(str(paths[name])))
+        assert re.fullmatch(pattern, skipped[name]), skipped[name]
         assert any(line.startswith("skipped ") and name in line for line in logs)
     else:
         assert name not in skipped, skipped.get(name)

@@ -1,14 +1,16 @@
 """Reruns into the same output directory: finished stages are reused by fingerprint, changed stages and
 everything fed by them run again, `--dry-run` prints the plan without Ray or MLflow writes.
 
-One tiny pipeline (digits, timm's test ResNet, one epoch) is trained once for the module; the tests run
-in file order and the later ones change the output directory on purpose."""
+One tiny pipeline (digits, timm's test ResNet, one epoch) is trained once for the module; the later tests
+change the output directory on purpose, and a test that needs a changed output directory makes it itself
+(`changed_run`), so each test also passes alone."""
 
 from __future__ import annotations
 
 import copy
 import json
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -80,6 +82,39 @@ def first_run(ray_session, tmp_path_factory):
     return out, PipelineRun(_config(), out).run()
 
 
+# simclr retrained with another learning rate and evaluate with another k: the state the later tests start from
+CHANGED = {"simclr": {"optimizer": {"lr": 0.002}}, "evaluate": {"knn_k": 5}}
+
+
+@pytest.fixture
+def changed_run(first_run):
+    """The output directory after a run of the CHANGED config: every stage of it reusable. Costs nothing after
+    test_changed_stage_runs_again_and_its_dependents_follow (all reused); alone, it trains simclr once."""
+    from pipeline.runner import PipelineRun
+
+    out, first = first_run
+    return out, PipelineRun(_config(**CHANGED), out).run()
+
+
+# `sslpipe` in a subprocess that reports whether Ray was ever initialised in it: ray.init counted by a wrapper,
+# ray.is_initialized() at the end. Our own marker, so it does not depend on Ray's wording of its log lines.
+RAY_PROBE = """
+import sys, ray
+calls = []
+real_init = ray.init
+def counting_init(*args, **kwargs):
+    calls.append(1)
+    return real_init(*args, **kwargs)
+ray.init = counting_init
+from pipeline.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    print(f"SSLPIPE-TEST ray.init calls={len(calls)} initialized={ray.is_initialized()}", flush=True)
+sys.exit(code)
+"""
+
+
 def test_rerun_reuses_every_stage_without_starting_ray(first_run, monkeypatch):
     from pipeline.context import RunContext
     from pipeline.runner import PipelineRun
@@ -105,14 +140,14 @@ def test_rerun_reuses_every_stage_without_starting_ray(first_run, monkeypatch):
         assert parent.data.tags[f"sslpipe.reused.{name}"] == stage["run_id"]
 
 
-def test_dry_run_prints_the_plan_without_ray_or_mlflow_writes(first_run, sslpipe_cmd, tmp_path):
+def test_dry_run_prints_the_plan_without_ray_or_mlflow_writes(first_run, tmp_path):
     out, first = first_run
     runs_before = len(_client(first).search_runs([_client(first).get_run(first["parent_run_id"]).info.experiment_id]))
     config = tmp_path / "config.yaml"
     changed = copy.deepcopy(CONFIG)
     changed["stages"][2]["knn_k"] = 5
     config.write_text(yaml.safe_dump(changed))
-    proc = subprocess.run([*sslpipe_cmd, "run", str(config), "--output-dir", str(out), "--dry-run"],
+    proc = subprocess.run([sys.executable, "-c", RAY_PROBE, "run", str(config), "--output-dir", str(out), "--dry-run"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
@@ -120,7 +155,7 @@ def test_dry_run_prints_the_plan_without_ray_or_mlflow_writes(first_run, sslpipe
     assert f"reuse (run {first['stages']['simclr']['run_id']})" in lines["simclr"]
     assert lines["simclr"].split()[3] == first["stages"]["simclr"]["fingerprint"]
     assert "run (config or upstream changed)" in lines["evaluate"]
-    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert "SSLPIPE-TEST ray.init calls=0 initialized=False" in proc.stdout.splitlines()
     assert len(_client(first).search_runs([_client(first).get_run(first["parent_run_id"]).info.experiment_id])) == runs_before
 
 
@@ -134,7 +169,7 @@ def test_changed_stage_runs_again_and_its_dependents_follow(first_run, monkeypat
     assert summary["reused_stages"] == ["pixels", "simclr"]
     assert summary["stages"]["evaluate"]["run_id"] != first["stages"]["evaluate"]["run_id"]
 
-    summary = PipelineRun(_config(simclr={"optimizer": {"lr": 0.002}}, evaluate={"knn_k": 5}), out).run()
+    summary = PipelineRun(_config(**CHANGED), out).run()
     assert counter.calls == ["simclr"]
     assert summary["reused_stages"] == ["pixels"]
     assert summary["stages"]["simclr"]["fingerprint"] != first["stages"]["simclr"]["fingerprint"]
@@ -144,11 +179,11 @@ def test_changed_stage_runs_again_and_its_dependents_follow(first_run, monkeypat
     assert _client(first).get_run(summary["stages"]["evaluate"]["run_id"]).data.tags["sslpipe.input"] == "simclr"
 
 
-def test_rerun_flag_forces_one_stage_and_rejects_unknown_names(first_run, monkeypatch):
+def test_rerun_flag_forces_one_stage_and_rejects_unknown_names(changed_run, monkeypatch):
     from pipeline.runner import PipelineRun
 
-    out, _ = first_run
-    config = _config(simclr={"optimizer": {"lr": 0.002}}, evaluate={"knn_k": 5})
+    out, _ = changed_run
+    config = _config(**CHANGED)
     before = PipelineRun(config, out).plan()
     assert [p.action for p in before] == ["reuse", "reuse", "reuse"]
     counter = TrainingCounter(monkeypatch)
@@ -170,13 +205,13 @@ def test_rerun_flag_forces_one_stage_and_rejects_unknown_names(first_run, monkey
     assert [m.step for m in history] == [1]  # trained epoch 1 again rather than resuming after it
 
 
-def test_missing_artifact_or_unfinished_mlflow_run_is_not_reused(first_run):
+def test_missing_artifact_or_unfinished_mlflow_run_is_not_reused(changed_run):
     from pathlib import Path
 
     from pipeline.runner import PipelineRun
 
-    out, first = first_run
-    config = _config(simclr={"optimizer": {"lr": 0.002}}, evaluate={"knn_k": 5})
+    out, first = changed_run
+    config = _config(**CHANGED)
     summary = json.loads((out / "summary.json").read_text())
     Path(summary["stages"]["evaluate"]["artifacts"]["assignments"]).unlink()
     _client(first).set_terminated(summary["stages"]["pixels"]["run_id"], status="FAILED")

@@ -123,6 +123,25 @@ def test_identical_and_relabeled_partitions_score_one():
             assert value == pytest.approx(1.0, abs=1e-12), key
 
 
+def test_ari_of_a_non_trivial_partition_by_hand():
+    labels = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    clusters = [0, 0, 1, 1, 1, 2, 2, 2, 2]
+    # Contingency table (rows: classes, columns: clusters 0, 1, 2):
+    #   class 0 | 2 1 0 |  3
+    #   class 1 | 0 2 1 |  3
+    #   class 2 | 0 0 3 |  3
+    #   column    2 3 4 |  n = 9
+    # index     = sum C(n_ij, 2) = C(2,2) + C(2,2) + C(3,2) = 1 + 1 + 3 = 5
+    # rows      = sum C(a_i, 2)  = 3 * C(3,2) = 9
+    # columns   = sum C(b_j, 2)  = C(2,2) + C(3,2) + C(4,2) = 1 + 3 + 6 = 10
+    # expected  = rows * columns / C(9, 2) = 90 / 36 = 2.5;  max = (rows + columns) / 2 = 9.5
+    # ARI       = (5 - 2.5) / (9.5 - 2.5) = 5 / 14
+    assert ari(labels, clusters) == pytest.approx(5 / 14, abs=1e-12)
+    # symmetric in its arguments and blind to the cluster ids
+    assert ari(clusters, labels) == pytest.approx(5 / 14, abs=1e-12)
+    assert ari(labels, [{0: 7, 1: 3, 2: 5}[c] for c in clusters]) == pytest.approx(5 / 14, abs=1e-12)
+
+
 def test_metrics_accept_string_labels_and_validate():
     y = np.array(["cat", "cat", "dog", "dog"])
     c = np.array([1, 1, 0, 0])

@@ -118,7 +118,6 @@ def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(ray_
     config = tmp_path / "nan.yaml"
     config.write_text(yaml.safe_dump(tiny_config(epochs=2)))
     out = tmp_path / "out"
-    started = time.time()
     code = _cli(["run", str(config), "--output-dir", str(out)])
     err = capsys.readouterr().err
     assert code == 1
@@ -134,7 +133,6 @@ def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(ray_
     assert len(client.get_metric_history(stage_runs[0].info.run_id, "loss")) == 1
     # max_failures is 1, but a NaN is not retried (a retry would resume after epoch 1 and hit it again)
     assert read_progress(Path(f"{tmp_path / 'progress'}.rank0"))["start_epoch"] == 0
-    assert time.time() - started < 600
 
 
 def test_unreachable_tracking_server_fails_fast_before_training(tmp_path, capsys):

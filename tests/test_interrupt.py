@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import yaml
@@ -61,7 +60,6 @@ def test_sigterm_marks_runs_killed_and_the_rerun_resumes_from_the_checkpoint(ray
     ]
 
     env.pop("SSLPIPE_TEST_STEP_SLEEP")
-    started = time.time()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     resumed_after = read_progress(Path(f"{progress}.rank0"))["start_epoch"]
@@ -84,7 +82,6 @@ def test_sigterm_marks_runs_killed_and_the_rerun_resumes_from_the_checkpoint(ray
     from pipeline.backbones import read_backbone_meta
 
     assert read_backbone_meta(summary["stages"]["simclr"]["artifacts"]["backbone"])["epochs_trained"] == 4
-    assert time.time() - started < 600
 
 
 def test_sigterm_during_concurrent_stages_exits_promptly_with_both_runs_killed(ray_session, sslpipe_cmd, tmp_path):

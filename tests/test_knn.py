@@ -28,13 +28,37 @@ LABELS = np.array([0, 1, 1, 2])
 QUERY = np.array([[1.0, 0.0]])
 
 
+def reference_votes(train, labels, query, k, temperature):
+    """The rule written out the slow way, independently of downstream.knn (no faiss, no max-shift, a dict of
+    classes): per query, cosine to every train row, the k largest, exp(sim / T) summed per class."""
+    train = np.asarray(train, dtype=np.float64)
+    query = np.asarray(query, dtype=np.float64)
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    query = query / np.linalg.norm(query, axis=1, keepdims=True)
+    votes = []
+    for q in query:
+        sims = [float(np.dot(q, t)) for t in train]
+        nearest = sorted(range(len(train)), key=lambda i: -sims[i])[: min(k, len(train))]
+        totals: dict = {}
+        for i in nearest:
+            totals[labels[i]] = totals.get(labels[i], 0.0) + math.exp(sims[i] / temperature)
+        votes.append(totals)
+    return votes
+
+
+def reference_predict(train, labels, query, k, temperature):
+    return [max(sorted(v), key=lambda c: v[c]) for v in reference_votes(train, labels, query, k, temperature)]
+
+
 def test_weighted_vote_beats_majority_at_low_temperature():
     # T = 0.1: class 0 gets exp(0.9/0.1) = e^9 ~= 8103.1,
     #          class 1 gets 2*exp(0.5/0.1) = 2e^5 ~= 296.8  -> predict 0
-    assert math.exp(9) > 2 * math.exp(5)
+    votes = reference_votes(TRAIN, LABELS, QUERY, k=3, temperature=0.1)[0]
+    assert votes == {0: pytest.approx(8103.08, rel=1e-5), 1: pytest.approx(296.83, rel=1e-4)}
     assert knn_predict(TRAIN, LABELS, QUERY, k=3, temperature=0.1).tolist() == [0]
     # T = 1: class 0 gets e^0.9 ~= 2.460, class 1 gets 2e^0.5 ~= 3.297 -> predict 1
-    assert math.exp(0.9) < 2 * math.exp(0.5)
+    votes = reference_votes(TRAIN, LABELS, QUERY, k=3, temperature=1.0)[0]
+    assert votes == {0: pytest.approx(2.4596, rel=1e-4), 1: pytest.approx(3.2974, rel=1e-4)}
     assert knn_predict(TRAIN, LABELS, QUERY, k=3, temperature=1.0).tolist() == [1]
     # T -> large: every weight ~1, i.e. plain majority vote (2 vs 1) -> predict 1
     assert knn_predict(TRAIN, LABELS, QUERY, k=3, temperature=1e6).tolist() == [1]
@@ -98,6 +122,22 @@ def test_exclude_self_with_exact_duplicates():
     y = np.array([0, 1, 1])
     pred = knn_predict(x, y, x, k=1, exclude_self=True)
     assert pred[:2].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.1, 0.5, 1.0, 10.0])
+def test_predictions_match_the_reference_vote(temperature):
+    """knn_predict against the slow reference on random data where the weighting decides many queries."""
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(60, 5))
+    labels = rng.integers(0, 4, 60)
+    query = rng.normal(size=(40, 5))
+    for k in (1, 5, 15):
+        expected = reference_predict(train, labels, query, k, temperature)
+        assert knn_predict(train, labels, query, k=k, temperature=temperature).tolist() == expected, (k, temperature)
+    # the weighting matters on this data: a plain majority vote disagrees with the weighted one somewhere
+    majority = reference_predict(train, labels, query, 15, 1e9)
+    if temperature <= 0.1:
+        assert majority != reference_predict(train, labels, query, 15, temperature)
 
 
 def test_batching_matches_single_batch():

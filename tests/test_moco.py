@@ -1,5 +1,5 @@
 """MoCo: the key queue is a true FIFO, the key encoder follows the EMA rule and gets no gradients, v2 and v3
-train, shuffled BN works across two Ray Train workers, and the backbone artifact round-trips."""
+train, two Ray Train workers (shuffled BN) share one queue of gathered keys, and the backbone artifact round-trips."""
 
 from __future__ import annotations
 
@@ -236,11 +236,13 @@ RAY_CONFIG = textwrap.dedent(
 
 
 @pytest.mark.ray
-def test_two_ray_workers_with_shuffled_bn(ray_session, tmp_path):
+def test_two_ray_workers_share_one_queue_of_gathered_keys(ray_session, tmp_path):
     """256 images, 2 workers x 32, 2 epochs: 8 steps of 2 views x 64 keys (gathered from both workers).
 
     The 384-key queue is full after three steps and then rolls over; its pointer in the final checkpoint tells
     that every worker enqueued the keys of both workers (1024 % 384 = 256; local keys only would give 128).
+    The run uses shuffled BN; what shuffling does across processes is checked in
+    test_distributed.py::test_moco_shuffled_bn_takes_key_statistics_from_the_shuffled_batch.
     """
     import glob
 

@@ -54,12 +54,65 @@ def test_summary_has_evaluation_metrics(finished_run):
     metrics = on_disk["stages"]["evaluate"]["metrics"]
     for key in ("knn_accuracy", "nmi", "ari", "cluster_accuracy", "purity"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    # 10 classes: a backbone trained for a few steps is still far better than chance at kNN
-    assert metrics["knn_accuracy"] > 0.3
+    assert metrics["knn_accuracy"] > 0.3  # 10 classes: far better than chance
     artifacts = on_disk["stages"]["evaluate"]["artifacts"]
     lines = open(artifacts["assignments"]).read().splitlines()
     assert lines[0].startswith("id,cluster,distance") and len(lines) == 301
     assert (out / "config.resolved.yaml").exists()
+
+
+RANDOM_WEIGHTS_MARGIN = 0.03  # kNN accuracy the trained backbone must add over the same net with random weights
+
+
+@pytest.mark.xfail(strict=True, reason="measured on this config (4 epochs on 384 images, 2 CPU workers): trained "
+                   "0.587 vs random weights 0.663; the stage does not yet learn more than a random init gives. Strict: "
+                   "once training beats random weights by the margin this XPASS fails, so remove the mark then")
+def test_trained_backbone_beats_the_same_architecture_with_random_weights(finished_run, tmp_path):
+    """kNN accuracy of the trained backbone against the same architecture, freshly initialised, on the same
+    splits with the same k and temperature, through the same code (pipeline.evaluate, downstream.knn).
+    A random conv net is a strong kNN baseline on Fashion-MNIST, so a fixed threshold cannot tell them apart."""
+    import yaml
+
+    from downstream.knn import knn_accuracy
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pipeline.backbones import ARTIFACT_FORMAT, WEIGHTS_FILE, load_backbone
+    from pipeline.context import load_split
+    from pipeline.evaluate import backbone_features
+
+    out, summary = finished_run
+    config = validate_config(yaml.safe_load(CONFIG))
+    stage = next(s for s in config.stages if s.name == "evaluate")
+    train, evalset = load_split(config, "train", log=lambda m: None), load_split(config, "eval", log=lambda m: None)
+    trained = summary["stages"]["simclr"]["artifacts"]["backbone"]
+
+    model = load_backbone(trained)
+    torch.manual_seed(0)
+    for module in model.modules():  # every layer back to its initial distribution (BN statistics included)
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        if hasattr(module, "reset_running_stats"):
+            module.reset_running_stats()
+    state = load_backbone(trained).state_dict()
+    assert any(not torch.equal(v, state[k]) for k, v in model.state_dict().items() if v.is_floating_point())
+    random_dir = tmp_path / "random"  # the trained artifact (architecture, input size, normalization), new weights
+    shutil.copytree(trained, random_dir)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(random_dir / WEIGHTS_FILE),
+              metadata={"format": ARTIFACT_FORMAT})
+
+    def knn(artifact):
+        train_x = backbone_features(artifact, train.images, stage.batch_size)
+        eval_x = backbone_features(artifact, evalset.images, stage.batch_size)
+        return knn_accuracy(train_x, train.labels, eval_x, evalset.labels, k=stage.knn_k,
+                            temperature=stage.knn_temperature)
+
+    reported = summary["stages"]["evaluate"]["metrics"]["knn_accuracy"]
+    assert knn(trained) == pytest.approx(reported, abs=1e-6)  # the same splits and protocol as the stage
+    baseline = knn(random_dir)
+    print(f"kNN accuracy: trained {reported:.3f}, random weights {baseline:.3f}")
+    assert reported > baseline + RANDOM_WEIGHTS_MARGIN, (reported, baseline)
 
 
 def test_loss_drops_and_runs_are_nested_in_mlflow(finished_run):

@@ -167,11 +167,39 @@ def test_relaxed_contrastive_loss_by_hand():
         w = W[i, j].item()
         total += w * dij**2 + (1 - w) * max(0.0, delta - dij) ** 2
     expected = total / 6  # 6 off-diagonal pairs
-    assert expected == pytest.approx(1.126284, abs=1e-5)  # the sum worked out on paper
     got = relaxed_contrastive_loss(EMB_F, W, delta)
     assert got.item() == pytest.approx(expected, rel=1e-12)
     # Scale invariance: the row-mean normalization removes the embedding's scale.
     assert relaxed_contrastive_loss(7.0 * EMB_F, W, delta).item() == pytest.approx(expected, rel=1e-12)
+
+
+def reference_relaxed_loss(emb, W, delta: float) -> float:
+    """The loss from its definition, in plain Python loops (independent of pretext.stml): Euclidean distances
+    divided by their row mean over all n entries (zero diagonal included), then the mean over i != j of
+    W_ij d_ij^2 + (1 - W_ij) max(0, delta - d_ij)^2."""
+    e, w = emb.tolist(), W.tolist()
+    n = len(e)
+    dist = [[math.dist(e[i], e[j]) for j in range(n)] for i in range(n)]
+    total = 0.0
+    for i in range(n):
+        mean = sum(dist[i]) / n
+        for j in range(n):
+            if i != j:
+                d = dist[i][j] / mean
+                total += w[i][j] * d**2 + (1 - w[i][j]) * max(0.0, delta - d) ** 2
+    return total / (n * (n - 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_relaxed_contrastive_loss_matches_its_definition_on_random_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    W = torch.rand(7, 7, generator=g, dtype=torch.float64)
+    W = (W + W.T) / 2
+    W.fill_diagonal_(1.0)
+    for delta in (0.5, 1.0, 1.5):
+        assert relaxed_contrastive_loss(emb, W, delta).item() == pytest.approx(reference_relaxed_loss(emb, W, delta),
+                                                                               rel=1e-10)
 
 
 def test_self_distillation_kl_by_hand():

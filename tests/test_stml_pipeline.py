@@ -62,7 +62,8 @@ def test_refined_artifact_is_an_embedder_that_loads(stml_run):
         assert bare(torch.randn(2, 3, 16, 16)).shape == (2, meta["feature_dim"])
 
 
-def test_side_by_side_retrieval_on_unseen_classes(stml_run):
+def test_simclr_and_stml_both_get_retrieval_metrics_on_unseen_classes(stml_run):
+    """What the name says: both evaluations report retrieval metrics, and no kNN accuracy on disjoint classes."""
     out, summary = stml_run
     stages = json.loads((out / "summary.json").read_text())["stages"]
     for name in ("eval_simclr", "eval_stml"):

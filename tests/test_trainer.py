@@ -120,3 +120,74 @@ def test_compile_warm_up_leaves_training_untouched_and_keeps_the_faster_backbone
     kept = report["compiled_step_s"] < report["eager_step_s"]
     assert report["compiled"] == float(kept)
     assert (method.backbone._compiled_call_impl is not None) == kept
+
+
+def _training(seed: int, tmp_path=None):
+    """A Worker around a tiny SimCLR (random augmentation: the torch RNG matters), AdamW and the warmup +
+    cosine schedule, as setup_worker builds them, on one CPU process."""
+    import numpy as np
+
+    from pipeline.trainer import Worker, build_optimizer, build_stage_method
+
+    torch.manual_seed(seed)
+    job = TrainJob(stage={"name": "s", "method": "simclr", "channels_last": False, "epochs": 1,
+                          "settings": {"hidden_dim": 16, "output_dim": 8}},
+                   backbone={"name": "test_resnet", "small_image_stem": False, "stem_stride": 1, "in_chans": 3,
+                             "kwargs": {}, "image_size": 16},
+                   seed=seed, data=[], mean=[0.5] * 3, std=[0.2] * 3)
+    method, feature_dim = build_stage_method(job, torch.device("cpu"))
+    optimizer = build_optimizer(method.parameter_groups(1e-4), {"name": "adamw", "lr": 1e-2})
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 8, 3, 0.1))
+    images = np.random.default_rng(0).integers(0, 256, (32, 3, 16, 16), dtype=np.uint8)
+    return Worker(job, 0, 1, torch.device("cpu"), images, None, method, method, feature_dim, None, None, None,
+                  8, 8, optimizer, scheduler, 0, False, None)
+
+
+def _steps(w, first: int, count: int) -> None:
+    """train_step on batches drawn with numpy's global RNG (so its state matters as well as torch's)."""
+    import numpy as np
+
+    from pipeline.trainer import train_step
+
+    for step in range(first, first + count):
+        idx = np.sort(np.random.choice(len(w.images), w.local_batch, replace=False))
+        assert train_step(w, idx, 0, step) is not None
+
+
+def test_resume_restores_weights_optimizer_schedule_and_random_state(tmp_path):
+    """Train 3 steps, checkpoint, train 3 more; a fresh method/optimizer/scheduler loaded from the checkpoint
+    (after other random numbers were drawn) takes the same 3 steps to the same place."""
+    import random
+
+    import numpy as np
+
+    from pipeline.trainer import load_checkpoint, save_checkpoint
+
+    torch.set_num_threads(1)
+    np.random.seed(5)
+    random.seed(5)
+    a = _training(seed=0)
+    _steps(a, 0, 3)
+    save_checkpoint(tmp_path, a.method, a.optimizer, a.scheduler, {"epoch": 0}, a.job, a.feature_dim)
+    _steps(a, 3, 3)
+    expected_draws = (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random())
+
+    # another process: other seeds, other initial weights; everything comes from the checkpoint
+    np.random.seed(77)
+    random.seed(77)
+    b = _training(seed=1)
+    torch.rand(10)
+    load_checkpoint(tmp_path, b.method, b.optimizer, b.scheduler, rank=0)
+    assert b.scheduler.last_epoch == 3
+    _steps(b, 3, 3)
+
+    assert b.scheduler.get_last_lr() == a.scheduler.get_last_lr()
+    assert b.scheduler.last_epoch == a.scheduler.last_epoch == 6
+    for (name, x), y in zip(a.method.state_dict().items(), b.method.state_dict().values()):
+        torch.testing.assert_close(y, x, rtol=0, atol=0, msg=name)
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for key, state in sa["state"].items():
+        for field, value in state.items():
+            torch.testing.assert_close(sb["state"][key][field], value, rtol=0, atol=0, msg=f"{key} {field}")
+    assert (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random()) == expected_draws
