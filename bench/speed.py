@@ -3,15 +3,15 @@
 1. lightly's plain-PyTorch SimCLR example loop (PIL images, lightly's SimCLRTransform in a DataLoader,
    backbone + SimCLRProjectionHead + NTXentLoss), fp32;
 2. our SimCLR stage under Ray Train (2 workers, and 1 worker given all cores), fp32, and with the fast
-   option (channels_last, ``compile: true``, plus bf16 autocast where the CPU/GPU has native bf16);
+   option (``channels_last: true`` and ``compile: true``; fp32, which ``precision: auto`` picks on a CPU);
 3. a bare forward+backward+step on ready-made views (no augmentation, no data path), and our
    in-process method step on the same batch, to show the data path is not the bottleneck.
 
-Two statistics, never mixed in one ratio: the loop mean (images / total time of the timed steps, what
-the Ray rows' epoch figure is, stalls included) and the median step (images / median step time, which
-hides stalls). A ratio compares loop mean with loop mean, or median step with median step.
+Every row runs `--repeats` times, interleaved, as throughput over all steps after warm-up (images / total
+time, stalls included); the table gives each row's median [min-max] and its ratio to lightly's loop and to
+the bare step with the same memory layout, and every sentence of the section is written here.
 
-Writes a section of bench/RESULTS.md.   Usage: python bench/speed.py [--steps 6] [--batch 256]
+Writes a section of bench/RESULTS.md.   Usage: python bench/speed.py [--steps 6] [--batch 256] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -205,26 +205,73 @@ def method_steps(data: np.ndarray, batch: int, steps: int, stem_stride: int,
 
 def ray_stage(n: int, batch: int, epochs: int, stem_stride: int, fast: bool, method: str = "simclr",
               workers: int = 2) -> float:
-    """Our pretext stage through `sslpipe run` under Ray Train; images/s of the last epoch.
+    """Our pretext stage through `sslpipe run` under Ray Train: images/s over every epoch after the first
+    (total images / total time of those epochs, from the stage's per-epoch MLflow metrics).
 
-    ``fast``: channels_last, ``compile: true`` and ``precision: auto`` (bf16 only where it is native). The
-    last epoch's mean excludes the one-off compile, as the lightly loop's timing excludes its start-up step.
+    ``fast``: channels_last and ``compile: true`` (fp32, as ``precision: auto`` on a CPU). The compile happens
+    in the stage's warm-up, before the first epoch; the first epoch is left out like the lightly loop's
+    first step (worker start-up, allocator and DDP bucket warm-up).
     ``workers``: Ray Train workers sharing the machine's cores (1 worker gets them all as intra-op threads).
     """
+    from mlflow.tracking import MlflowClient
+
     out = WORK / f"speed_{method}_{'fast' if fast else 'fp32'}_w{workers}"
     cpus = max(1, (os.cpu_count() or 2) // workers)
     sets = [f"data.train_subset={n}", f"backbone.stem_stride={stem_stride}", f"stages.simclr.epochs={epochs}",
             f"stages.simclr.batch_size={batch}", f"stages.simclr.channels_last={str(fast).lower()}",
-            f"stages.simclr.precision={'auto' if fast else 'fp32'}", f"stages.simclr.compile={str(fast).lower()}",
-            "stages.simclr.checkpoint_every=1000", f"stages.simclr.method={method}", f"ray.num_workers={workers}",
-            f"ray.resources_per_worker={{CPU: {cpus}}}"]
+            "stages.simclr.precision=fp32", f"stages.simclr.compile={str(fast).lower()}",
+            "stages.simclr.checkpoint_every=1000", "stages.simclr.evaluate=false", f"stages.simclr.method={method}",
+            f"ray.num_workers={workers}", f"ray.resources_per_worker={{CPU: {cpus}}}", "registry.enabled=false"]
     if method == "moco":
         sets += ["stages.simclr.settings.memory_bank_size=4096", "stages.simclr.settings.momentum=0.99",
                  "stages.simclr.settings.symmetric=false"]
     cmd = fresh_run_command(ROOT / "bench" / "speed.yaml", out, sets)
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "summary.json").read_text())
-    return float(summary["stages"]["simclr"]["metrics"]["images_per_sec"])
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    run_id = summary["stages"]["simclr"]["run_id"]
+    history = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
+               for key in ("images_per_sec", "epoch_time_s")}
+    timed = [e for e in sorted(history["epoch_time_s"]) if e > 1]
+    images = sum(history["images_per_sec"][e] * history["epoch_time_s"][e] for e in timed)
+    return images / sum(history["epoch_time_s"][e] for e in timed)
+
+
+ROWS = (  # (key, label); the measuring order within one repeat
+    ("lightly", "lightly example loop (PIL + DataLoader), fp32"),
+    ("ray2", "sslpipe SimCLR stage, Ray Train 2 workers, fp32"),
+    ("ray2_fast", "sslpipe SimCLR stage, Ray Train 2 workers, fast option"),
+    ("ray1", "sslpipe SimCLR stage, Ray Train 1 worker (all cores), fp32"),
+    ("ray1_fast", "sslpipe SimCLR stage, Ray Train 1 worker (all cores), fast option"),
+    ("ours", "sslpipe SimCLR method step in-process (one fixed batch), fp32"),
+    ("bare", "bare fwd+bwd on ready views (one fixed batch), fp32"),
+    ("ours_cl", "sslpipe SimCLR method step in-process (one fixed batch), channels_last"),
+    ("bare_cl", "bare fwd+bwd on ready views (one fixed batch), channels_last"),
+)
+# The bare step with the same memory layout: the physical limit of each row's loop on this machine.
+SAME_LAYOUT_BARE = {"lightly": "bare", "ray2": "bare", "ray1": "bare", "ours": "bare",
+                    "ray2_fast": "bare_cl", "ray1_fast": "bare_cl", "ours_cl": "bare_cl"}
+
+
+def measure_repeats(data: np.ndarray, args) -> dict[str, list[float]]:
+    """Every row `args.repeats` times, interleaved (one of each row per round, then the next round), so a
+    drift of the machine's speed spreads over all rows instead of favouring whichever ran first."""
+    runs: dict[str, list[float]] = {key: [] for key, _ in ROWS}
+    for round_ in range(args.repeats):
+        torch.manual_seed(round_)
+        runs["lightly"].append(lightly_loop(data, args.batch, args.steps, args.stem_stride)["mean"])
+        for key, workers, fast in (("ray2", 2, False), ("ray2_fast", 2, True), ("ray1", 1, False), ("ray1_fast", 1, True)):
+            runs[key].append(ray_stage(len(data), args.batch, args.epochs, args.stem_stride, fast=fast, workers=workers))
+        for layout, (ours_key, bare_key) in ((False, ("ours", "bare")), (True, ("ours_cl", "bare_cl"))):
+            ours, bare = method_steps(data, args.batch, args.steps, args.stem_stride, channels_last=layout)
+            runs[ours_key].append(ours["mean"])
+            runs[bare_key].append(bare["mean"])
+        print(f"round {round_ + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), flush=True)
+    return runs
+
+
+def spread(values: list[float]) -> str:
+    return f"{np.median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
 def main() -> None:
@@ -233,6 +280,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--stem-stride", type=int, default=2)
     parser.add_argument("--method", choices=["simclr", "moco"], default="simclr")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of each Ray stage run; the first is not timed")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds: every row runs once per round, interleaved")
     add_results_argument(parser)
     args = parser.parse_args()
     if args.method == "moco":
@@ -242,52 +291,35 @@ def main() -> None:
     data = images(max(n, 2 * args.batch))
     torch.manual_seed(0)
 
-    lightly = lightly_loop(data, args.batch, args.steps, args.stem_stride)
-    ours, bare = method_steps(data, args.batch, args.steps, args.stem_stride, channels_last=False)
-    ours_cl, bare_cl = method_steps(data, args.batch, args.steps, args.stem_stride, channels_last=True)
-    epochs = 2
-    ray_fp32 = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=False)
-    ray_fast = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=True)
-    ray1_fp32 = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=False, workers=1)
-    ray1_fast = ray_stage(len(data), args.batch, epochs, args.stem_stride, fast=True, workers=1)
-    rows = [
-        ("lightly example loop (PIL + DataLoader), fp32", lightly),
-        ("sslpipe SimCLR stage, Ray Train 2 workers, fp32", {"mean": ray_fp32}),
-        ("sslpipe SimCLR stage, Ray Train 2 workers, fast option", {"mean": ray_fast}),
-        ("sslpipe SimCLR stage, Ray Train 1 worker (all cores), fp32", {"mean": ray1_fp32}),
-        ("sslpipe SimCLR stage, Ray Train 1 worker (all cores), fast option", {"mean": ray1_fast}),
-        ("sslpipe SimCLR method step in-process (one fixed batch), fp32", ours),
-        ("bare fwd+bwd on ready views (one fixed batch), fp32", bare),
-        ("sslpipe SimCLR method step in-process (one fixed batch), channels_last", ours_cl),
-        ("bare fwd+bwd on ready views (one fixed batch), channels_last", bare_cl),
-    ]
+    runs = measure_repeats(data, args)
+    med = {key: float(np.median(values)) for key, values in runs.items()}
+    ratio = {key: med[key] / med["lightly"] for key in med}
     lines = [
         "## SimCLR training speed (bench/speed.py)",
         "",
         f"Machine: {machine()}.",
-        f"Command: `python bench/speed.py --steps {args.steps} --batch {args.batch} --stem-stride {args.stem_stride}`; "
-        f"resnet18 (small stem, stride {args.stem_stride}), 32 px, batch {args.batch} images (2 views each), Fashion-MNIST, "
-        f"images/s = images (not views) per second, as two statistics: loop mean = images / total time of the timed "
-        f"steps (lightly and in-process rows: the {args.steps} steps after the first, which starts the DataLoader "
-        "workers or warms up; Ray rows: their last epoch, as the stage reports it), median step = images / median "
-        "step time (lightly and in-process rows only). Ratios below compare loop mean with loop mean and median "
-        "step with median step, never one with the other.",
+        f"Command: `python bench/speed.py --steps {args.steps} --batch {args.batch} --stem-stride {args.stem_stride} "
+        f"--epochs {args.epochs} --repeats {args.repeats}`; resnet18 (small stem, stride {args.stem_stride}), 32 px, "
+        f"batch {args.batch} images (2 views each), {len(data)} Fashion-MNIST images, fp32 everywhere.",
         "",
-        "| loop | loop mean images/s | median step images/s |",
-        "|---|---|---|",
-    ] + [f"| {name} | {cell(v, 'mean')} | {cell(v, 'median')} |" for name, v in rows] + [
+        f"Every row ran {args.repeats} times, interleaved (one of each row per round). A figure is the median of "
+        "the rounds [min-max], in images/s (images, not views), each round's figure being the throughput over "
+        f"all steps after warm-up: lightly and in-process rows, the {args.steps} steps after the first; Ray rows, "
+        f"epochs 2-{args.epochs} of the stage (the fast option compiles in its warm-up, before epoch 1). The fast "
+        "option is `channels_last: true` + `compile: true`. The last column divides the row's median by the "
+        "median of the bare forward+backward step with the same memory layout (fp32 rows by the contiguous one, "
+        "channels_last rows by the channels_last one): the physical limit of this loop on this machine.",
         "",
-        f"- loop mean / loop mean, ours (Ray, fp32) / lightly loop: **{ray_fp32 / lightly['mean']:.2f}x** with 2 "
-        f"workers, **{ray1_fp32 / lightly['mean']:.2f}x** with 1 worker",
-        f"- loop mean / loop mean, ours (Ray, fast option: channels_last + compile + native bf16 if any) / lightly "
-        f"loop: **{ray_fast / lightly['mean']:.2f}x** with 2 workers, **{ray1_fast / lightly['mean']:.2f}x** with "
-        "1 worker",
-        f"- median step / median step, our in-process step (one fixed batch, augmentation included) / lightly's "
-        f"step (DataLoader batch): **{ours['median'] / lightly['median']:.2f}x** (fp32), "
-        f"**{ours_cl['median'] / lightly['median']:.2f}x** (channels_last)",
-        f"- median step / median step, our step time / bare fwd+bwd step time: "
-        f"**{bare['median'] / ours['median']:.3f}x** (fp32), **{bare_cl['median'] / ours_cl['median']:.3f}x** "
-        "(channels_last)",
+        "| loop | images/s, median [min-max] | / lightly loop | / bare step, same layout |",
+        "|---|---|---|---|",
+    ] + [f"| {label} | {spread(runs[key])} | {ratio[key]:.2f}x | "
+         f"{med[key] / med[SAME_LAYOUT_BARE[key]] if key in SAME_LAYOUT_BARE else 1.0:.2f} |" for key, label in ROWS] + [
+        "",
+        f"- fast option / lightly loop: **{ratio['ray1_fast']:.2f}x** with 1 worker, **{ratio['ray2_fast']:.2f}x** "
+        f"with 2 workers; fp32 / lightly loop: **{ratio['ray1']:.2f}x** with 1 worker, **{ratio['ray2']:.2f}x** "
+        "with 2 workers (medians over the rounds).",
+        f"- our stage / bare channels_last step: **{med['ray1_fast'] / med['bare_cl']:.2f}** (1 worker, fast option), "
+        f"**{med['ray2_fast'] / med['bare_cl']:.2f}** (2 workers, fast option).",
         "",
     ]
     text = "\n".join(lines)
@@ -316,7 +348,8 @@ def moco_main(args) -> None:
         f"Command: `python bench/speed.py --method moco --steps {args.steps} --batch {args.batch}`; resnet18 "
         f"(small stem, stride {args.stem_stride}), 32 px, batch {args.batch}, queue 4096, momentum 0.99, Fashion-MNIST. "
         f"images/s as loop mean (images / total time: lightly's {args.steps} steps after the first, the Ray rows' "
-        "last epoch) and median step (images / median step time; lightly only). The ratios are loop mean / loop mean.",
+        "epochs after the first) and median step (images / median step time; lightly only). The ratios are loop mean "
+        "/ loop mean; one run per row (the SimCLR section repeats its rows).",
         "",
         "| loop | loop mean images/s | median step images/s |",
         "|---|---|---|",
@@ -327,7 +360,7 @@ def moco_main(args) -> None:
         f"| sslpipe MoCo v2 stage, Ray Train 1 worker (all cores), fast option | {ours1_fast:.1f} | - |",
         "",
         f"- loop mean / loop mean, ours / lightly loop, 2 workers: **{ours / lightly['mean']:.2f}x** (fp32), **{ours_fast / lightly['mean']:.2f}x** "
-        f"(fast option: channels_last + compile + native bf16 if any); 1 worker: **{ours1 / lightly['mean']:.2f}x** (fp32), "
+        f"(fast option: channels_last + compile); 1 worker: **{ours1 / lightly['mean']:.2f}x** (fp32), "
         f"**{ours1_fast / lightly['mean']:.2f}x** (fast option). "
         "Both one-sided (`symmetric: false`, as lightly's example); our default symmetric loss does twice the "
         "encoder passes per image.",
