@@ -425,7 +425,7 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _stage_graph(self) -> "PipelineConfig":
-        seen: dict[str, str] = {}
+        seen: dict[str, StageBase] = {}
         for stage in self.stages:
             if stage.name in seen:
                 raise ValueError(f"stage name '{stage.name}' is used twice")

@@ -69,9 +69,13 @@ class RunContext:
         d = self.config.data
         for data, digest, context in ((self.train, self.data_fingerprint, "training"),
                                       (self.evalset if evaluation else None, self.eval_fingerprint, "evaluation")):
-            if data is not None:
+            if data is None:
+                continue
+            try:  # a description of the run: a store that refuses it must not fail the run
                 self.tracker.log_input_dataset(run_id, name=f"{d.source}/{data.split}", source=d.root or d.source,
                                                split=data.split, size=len(data), digest=digest, context=context)
+            except Exception as err:  # noqa: BLE001
+                self.log(f"warning: MLflow did not take the {context} dataset: {type(err).__name__}: {err}")
 
     def log_run_data(self, run_id: str) -> None:
         """The parent run's data: input datasets, image and skipped-file counts, the skipped files and why."""
@@ -119,7 +123,10 @@ class RunContext:
         if self.ray_started:
             from pipeline.console import save_ray_logs
 
-            save_ray_logs(self.logs_dir)
+            try:
+                save_ray_logs(self.logs_dir)
+            except Exception as err:  # noqa: BLE001 - the run's results do not depend on a copy of logs
+                self.log(f"warning: Ray's logs were not copied to {self.logs_dir}: {err}")
 
     def cluster_fits(self, stages: list[StageBase]) -> bool:
         """True when Ray has free resources for every one of `stages` at once."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, result_settings
 from pipeline.store import fingerprint
 from pipeline.tracking import TrackingError
 
@@ -27,9 +27,11 @@ NOT_TRAINING_KEYS = ("output_dir", "tracking", "ray", "registry")  # where and h
 
 
 def config_fingerprint(config: PipelineConfig) -> str:
-    """What is trained (data selection, backbone, stages, seed), not where it runs or is tracked."""
+    """What is trained (data selection, backbone, stages, seed, and the Ray settings that change results:
+    `num_workers`, `use_gpu`), not where it runs or is tracked; the same rule as the stage cache."""
     data = config.model_dump(mode="json")
-    return fingerprint({k: v for k, v in data.items() if k not in NOT_TRAINING_KEYS})
+    trained = {k: v for k, v in data.items() if k not in NOT_TRAINING_KEYS}
+    return fingerprint({**trained, "ray": result_settings(config.ray)})
 
 
 def registry_client(uri: str):

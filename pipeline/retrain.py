@@ -55,7 +55,7 @@ def retrain(config: PipelineConfig, output_dir: Path, log: Callable[[str], None]
     if config.registered_stage() is None:
         from pipeline.config import ConfigError
 
-        raise ConfigError("retrain: the pipeline has no pretext or refine stage, so there is no backbone to register")
+        raise ConfigError("retrain: no stage of the pipeline produces a backbone, so there is nothing to register")
     config = config.model_copy(update={"registry": config.registry.model_copy(update={"enabled": True})})
     reg = config.registry
     name, metric = config.model_name(), reg.metric

@@ -115,20 +115,19 @@ class PipelineRun:
     def _finish(self, error: type[BaseException] | None) -> None:
         """End the runs still in flight, keep Ray's logs and write the final summary, whatever happened."""
         tracker = self.ctx.tracker
-        self.ctx.save_ray_logs()
         interrupted = error is not None and issubclass(error, KeyboardInterrupt)
         self._interrupted = self._interrupted or interrupted
-        with self.ctx.lock:
+        with self.ctx.lock:  # stage threads may still record results after an interrupt
             in_flight = dict(self._active_runs)
+            self.summary["reused_stages"] = [name for name, r in self.results.items() if r.reused]
+            self.summary["status"] = "FINISHED" if error is None else ("KILLED" if interrupted else "FAILED")
+            write_json_atomic(self.output_dir / "summary.json", self.summary)
         for run_id in in_flight:  # stages still running in pool threads
             tracker.end_run(run_id, "KILLED" if self._interrupted else "FAILED")
         if "best" in self.summary:
             tracker.set_tags(self.ctx.parent_run_id, {"sslpipe.best_stage": self.summary["best"]["stage"]})
-        self.summary["reused_stages"] = [name for name, r in self.results.items() if r.reused]
-        self.summary["status"] = "FINISHED" if error is None else ("KILLED" if interrupted else "FAILED")
-        with self.ctx.lock:
-            write_json_atomic(self.output_dir / "summary.json", self.summary)
         tracker.end_run(self.ctx.parent_run_id, self.summary["status"])
+        self.ctx.save_ray_logs()  # last: nothing above waits for a copy of Ray's logs
 
     def _run_wave(self, numbered: list[tuple[StageBase, int]]) -> None:
         """Reuse what is cached; train the rest concurrently when Ray has room for all of them."""
@@ -182,7 +181,9 @@ class PipelineRun:
             self._active_runs[run_id] = stage.name
         executor, started = executor_for(stage), time.time()
         upstream = self.results.get(inp) if inp else None
-        run = StageRun(inp, upstream.artifacts.get("backbone") if upstream else None, plan, run_id, fresh)
+        if upstream is not None and "backbone" not in upstream.artifacts:
+            raise ConfigError(f"stage '{stage.name}': input '{inp}' left no backbone artifact")
+        run = StageRun(inp, upstream.artifacts["backbone"] if upstream else None, plan, run_id, fresh)
         try:
             tracker.log_params(run_id, flatten(stage.model_dump(mode="json")))
             ctx.log_datasets(run_id, evaluation=stage.uses_eval_split())

@@ -221,14 +221,16 @@ def batch_channels(method, backbone_cfg: dict[str, Any]) -> int:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's random state: torch (CPU and every CUDA device), numpy's global RNG and Python's `random`.
+    """This process's random state: torch (CPU and this worker's CUDA device, if it uses one), numpy's global
+    RNG and Python's `random`. Only the current device: touching every visible GPU would open a CUDA context
+    on each of them in every worker of a node.
 
     Plain tensors, lists and numbers only, so `torch.load(weights_only=True)` reads it back."""
     name, key, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
         "numpy": {"name": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
@@ -237,10 +239,10 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` returned (CUDA states only where this process sees as many devices)."""
+    """Restore what `rng_state` returned (the CUDA state into this worker's current device)."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if len(state["cuda"]) == 1 and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"][0])
     n = state["numpy"]
     np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
@@ -465,22 +467,27 @@ def _untimed_step(w: Worker, idx: np.ndarray) -> float:
     """Forward and backward on `idx` with no effect on training: no gradient sync, gradients dropped,
     buffers (BatchNorm statistics, MoCo's queue) and random streams restored. Returns its seconds."""
     import contextlib
-    import random
 
     buffers = {name: b.detach().clone() for name, b in w.method.named_buffers()}
-    streams = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    streams = rng_state()
+    _synchronize(w.device)
     started = time.perf_counter()
     with (w.model.no_sync() if hasattr(w.model, "no_sync") else contextlib.nullcontext()):
         _forward(w, idx)["loss"].backward()
+    _synchronize(w.device)
     seconds = time.perf_counter() - started
     w.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         for name, b in w.method.named_buffers():
             b.copy_(buffers[name])
-    torch.set_rng_state(streams[0])
-    np.random.set_state(streams[1])
-    random.setstate(streams[2])
+    set_rng_state(streams)
     return seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU kernels, so a wall-clock time covers the work and not only its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def warm_up_compile(w: Worker, trials: int = 2) -> dict[str, float]:
@@ -496,7 +503,7 @@ def warm_up_compile(w: Worker, trials: int = 2) -> dict[str, float]:
     backbone = w.method.backbone
     compiled_impl, backbone._compiled_call_impl = backbone._compiled_call_impl, None
     eager = float(np.median([_untimed_step(w, idx) for _ in range(trials)]))
-    times = torch.tensor([compiled, eager], dtype=torch.float64)
+    times = torch.tensor([compiled, eager], dtype=torch.float64, device=w.device)  # NCCL takes device tensors
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
     compiled, eager = float(times[0]), float(times[1])
@@ -513,10 +520,11 @@ def warm_up_compile(w: Worker, trials: int = 2) -> dict[str, float]:
 def weights_finite(w: Worker, epoch: int) -> bool:
     """False (on every rank alike) when a parameter became NaN/inf: a loss can stay finite while weights that
     do not reach it (e.g. kernel taps that see only padding) are poisoned by non-finite gradients."""
-    bad = next((name for name, p in w.method.named_parameters() if not torch.isfinite(p).all()), None)
-    flag = torch.tensor(float("nan") if bad else 0.0)
-    if _all_finite(flag, w.world):
+    params = [p.detach() for p in w.method.parameters()]
+    flag = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+    if _all_finite(torch.where(flag, 0.0, float("nan")).to(w.device, torch.float32), w.world):  # one sync, device tensor
         return True
+    bad = next((name for name, p in w.method.named_parameters() if not torch.isfinite(p).all()), None)
     if w.rank == 0:
         _write_marker({"epoch": epoch + 1, "step": w.steps_per_epoch, "loss": None, "parameter": bad or "on another rank"})
     return False
@@ -563,7 +571,7 @@ def report_epoch(w: Worker, metrics: dict[str, float], epoch: int) -> None:
 def _print_start(w: Worker) -> None:
     s = w.stage
     print(f"[{s['name']}] {w.world} worker(s) on {w.device.type}, precision {'bf16' if w.use_amp else 'fp32'}"
-          f"{', channels_last' if s['channels_last'] else ''}{', compiled' if s.get('compile') else ''}, "
+          f"{', channels_last' if s['channels_last'] else ''}{', compile (warm-up first)' if s.get('compile') else ''}, "
           f"{len(w.images)} images, batch {w.local_batch}x{w.world}, {w.steps_per_epoch} steps/epoch", flush=True)
 
 
@@ -578,6 +586,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if w.rank == 0:
         _print_start(w)
     if w.stage.get("compile") and w.start_epoch < epochs:
+        w.model.train()  # the mode the steps run in (a method's train() may keep parts in eval): no recompile
         compile_report = warm_up_compile(w)
         if w.rank == 0:
             _log_mlflow(w.job.tracking_uri, w.job.run_id, compile_report, step=0)

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,4 +76,26 @@ def test_colorization_on_grayscale_data_exits_2_before_anything_starts(tmp_path)
                            str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "stages[colorize]: method 'colorization' needs colour images" in proc.stderr
+    assert not (tmp_path / "out" / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("stage,message", [
+    ("{name: probe, kind: finetune, epochs: 1}", "stage 'probe': fine-tuning needs labels, but the training split"),
+    ("{name: metric, kind: metric, epochs: 1}", "stage 'metric': metric learning needs labels"),
+])
+def test_a_labeled_stage_on_unlabeled_data_exits_2_before_anything_starts(tmp_path, stage, message):
+    """The photos source has no labels: a finetune or metric stage after an hour of pretext training would
+    fail then; it is refused before any stage runs or anything is written to MLflow."""
+    config = tmp_path / "c.yaml"
+    config.write_text(textwrap.dedent(f"""
+        name: unlabeled
+        data: {{source: photos, load_size: 32}}
+        stages:
+          - {{name: simclr, kind: pretext, method: simclr, epochs: 1}}
+          - {stage}
+    """))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir",
+                           str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
     assert not (tmp_path / "out" / "mlflow.db").exists()

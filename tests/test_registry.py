@@ -224,7 +224,7 @@ def test_retrain_without_a_backbone_stage_exits_2(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("name: p\ndata: {source: digits}\nstages: [{name: pixels, kind: evaluate, input: pixels}]\n")
     assert main(["retrain", str(path), "--output-dir", str(tmp_path / "out")]) == 2
-    assert "no pretext or refine stage" in capsys.readouterr().err
+    assert "no stage of the pipeline produces a backbone" in capsys.readouterr().err
 
 
 # The promote/keep gate, a pure function: min_improvement 0.05 with the 1e-12 float tolerance.

@@ -12,18 +12,23 @@ from pipeline.stages.training import TrainingExecutor, train_stage
 
 
 class FinetuneExecutor(TrainingExecutor):
-    def run(self, ctx: RunContext, stage: FinetuneStage, run: StageRun) -> StageResult:
-        from downstream.finetune import stratified_fraction
-        from pipeline.classifier import classifier_accuracy, write_classifier
+    def check(self, ctx: RunContext, stage: FinetuneStage) -> None:
+        """Labels on both splits, 2 classes at least: refused before any stage runs."""
         from pipeline.data import DataError
 
+        super().check(ctx, stage)
         for split, data in (("training", ctx.train), ("evaluation", ctx.evalset)):
             if data is None or data.labels is None:
                 raise DataError(f"stage '{stage.name}': fine-tuning needs labels, but the {split} split of "
                                 f"data source '{ctx.config.data.source}' has none")
-        class_ids, targets = np.unique(ctx.train.labels, return_inverse=True)
-        if len(class_ids) < 2:
+        if len(np.unique(ctx.train.labels)) < 2:
             raise DataError(f"stage '{stage.name}': fine-tuning needs at least 2 classes in the training labels")
+
+    def run(self, ctx: RunContext, stage: FinetuneStage, run: StageRun) -> StageResult:
+        from downstream.finetune import stratified_fraction
+        from pipeline.classifier import classifier_accuracy, write_classifier
+
+        class_ids, targets = np.unique(ctx.train.labels, return_inverse=True)
         keep = stratified_fraction(targets, stage.label_fraction, seed=ctx.config.seed)
         ctx.log(f"[{stage.name}] {stage.mode} fine-tuning on {len(keep)} labeled images "
                 f"({stage.label_fraction:g} of {len(targets)}, {len(class_ids)} classes)")

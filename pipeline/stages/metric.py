@@ -12,12 +12,16 @@ from pipeline.stages.training import TrainingExecutor, train_stage
 
 
 class MetricExecutor(TrainingExecutor):
-    def run(self, ctx: RunContext, stage: MetricStage, run: StageRun) -> StageResult:
+    def check(self, ctx: RunContext, stage: MetricStage) -> None:
+        """Training labels: refused before any stage runs."""
         from pipeline.data import DataError
 
+        super().check(ctx, stage)
         if ctx.train.labels is None:
             raise DataError(f"stage '{stage.name}': metric learning needs labels; data source "
                             f"'{ctx.config.data.source}' has none")
+
+    def run(self, ctx: RunContext, stage: MetricStage, run: StageRun) -> StageResult:
         result = train_stage(ctx, stage, run, labels=ctx.train.labels)
         if stage.retrieval and ctx.evalset is not None and ctx.evalset.labels is not None:
             from downstream.retrieval import retrieval_metrics

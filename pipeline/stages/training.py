@@ -49,6 +49,7 @@ def check_colour(ctx: RunContext, stage: TrainingStage) -> None:
 def train_stage(ctx: RunContext, stage: TrainingStage, run: StageRun, *, images: np.ndarray | None = None,
                 labels: np.ndarray | None = None) -> StageResult:
     """Train on the training split, or on `images` (+ `labels` for labeled methods); returns the backbone."""
+    ctx.ensure_ray()  # first: it sets Ray's console filter, read when ray is first imported
     import ray
 
     from pipeline.trainer import TrainJob, fit_stage
@@ -123,7 +124,7 @@ def heldout_report(ctx: RunContext, job, checkpoint_dir: Path, stage_dir: Path, 
 
 
 class TrainingExecutor(Executor):
-    """pretext and refine: a label-free method trained on the training split."""
+    """pretext and refine (a label-free method on the training split); the base of finetune and metric."""
 
     def check(self, ctx: RunContext, stage: StageBase) -> None:
         check_colour(ctx, stage)
