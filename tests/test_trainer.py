@@ -37,7 +37,8 @@ def test_a_non_finite_weight_stops_training_even_when_the_loss_is_finite():
     from pipeline.trainer import weights_finite
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    worker = types.SimpleNamespace(method=model, world=1, rank=1, steps_per_epoch=3)  # rank 1 writes no marker
+    worker = types.SimpleNamespace(method=model, world=1, rank=1, steps_per_epoch=3,  # rank 1 writes no marker
+                                   device=torch.device("cpu"))
     assert weights_finite(worker, epoch=0)
     with torch.no_grad():
         model[0].weight[0, 0, 0, 0] = float("nan")
