@@ -48,8 +48,10 @@ def result_settings(model: BaseModel) -> dict[str, Any]:
 class DataConfig(Strict):
     """Where images come from. Labels, when a source has them, are used for evaluation only."""
 
-    source: Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "photos", "folder"]
-    root: str | None = None
+    source: Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "photos", "folder",
+                    "manifest"]
+    root: str | None = Field(None, description="folder: a path or a pyarrow URI (s3://...); manifest: a .csv or "
+                             ".parquet file with a path column (optional label and split columns)")
     download: bool = False
     train_split: str = "train"
     eval_split: str = "test"
@@ -59,11 +61,26 @@ class DataConfig(Strict):
     eval_classes: list[int] | None = None
     load_size: int | None = Field(None, ge=8, le=4096, description="folder images are decoded to this square size; photos: tile size")
     max_image_pixels: int = Field(89_478_485, ge=1)
+    labels: Literal["auto", "folders", "none"] = Field(
+        "auto", description="folder labels: class sub-folders (folders), one unlabeled collection (none), or "
+        "folders when the top level holds only sub-folders with images (auto); a manifest's label column")
+    backend: Literal["auto", "memory", "stream"] = execution_only(
+        "auto", description="folder/manifest: decode on the driver into memory, or into a pixel cache built by "
+        "Ray Data and memory-mapped by every worker (stream); auto picks stream above memory_limit_gb")
+    memory_limit_gb: float = execution_only(2.0, gt=0.0, description="auto: the decoded size (N x 3 x S^2 bytes) "
+                                            "above which a split is streamed")
+    cache_dir: str | None = execution_only(
+        None, description="stream: where the pixel cache lives (a path every node can read); default "
+        "<output_dir>/pixel_cache")
 
     @model_validator(mode="after")
-    def _folder_needs_root(self) -> "DataConfig":
-        if self.source == "folder" and not self.root:
-            raise ValueError("source 'folder' needs root: <path to the images>")
+    def _sources_need_root(self) -> "DataConfig":
+        if self.source in ("folder", "manifest") and not self.root:
+            what = "<path to the images>" if self.source == "folder" else "<path to a .csv or .parquet manifest>"
+            raise ValueError(f"source '{self.source}' needs root: {what}")
+        if self.backend == "stream" and self.source not in ("folder", "manifest"):
+            raise ValueError(f"backend: stream reads image files (source folder or manifest); source "
+                             f"'{self.source}' is an in-memory array source: use backend memory or auto")
         return self
 
 

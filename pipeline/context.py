@@ -23,15 +23,37 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def load_split(config: PipelineConfig, which: str, log: Callable[[str], None] = log):
-    """One split of the configured data source: `train` (data.train_*) or `eval` (data.eval_*)."""
-    from pipeline.data import load_images
+def load_split(config: PipelineConfig, which: str, log: Callable[[str], None] = log, *,
+               cache_root: Path | None = None, start_ray: Callable[[], None] | None = None):
+    """One split of the configured data source: `train` (data.train_*) or `eval` (data.eval_*).
+
+    Image files (folder, manifest) go to the backend `data.backend` names; `auto` streams a split whose decoded
+    pixels (N x 3 x S^2 bytes) exceed `data.memory_limit_gb`. Streaming needs `cache_root` and `start_ray`."""
+    from pipeline.data import FILE_SOURCES, load_images, select_listing
 
     d = config.data
     split, subset, classes = ((d.train_split, d.train_subset, d.train_classes) if which == "train"
                               else (d.eval_split, d.eval_subset, d.eval_classes))
-    return load_images(d.source, split, subset=subset, classes=classes, root=d.root, download=d.download,
-                       image_size=d.load_size, seed=config.seed, max_image_pixels=d.max_image_pixels, log=log)
+    if d.source not in FILE_SOURCES:
+        return load_images(d.source, split, subset=subset, classes=classes, root=d.root, download=d.download,
+                           image_size=d.load_size, seed=config.seed, max_image_pixels=d.max_image_pixels, log=log)
+    from pipeline import pixel_cache
+    from pipeline.image_files import DEFAULT_FOLDER_IMAGE_SIZE, decode_listing, list_folder, read_manifest
+
+    lister = list_folder if d.source == "folder" else read_manifest
+    listing = select_listing(lister(d.root, split, d.labels, log), classes, subset, config.seed)
+    size = d.load_size or DEFAULT_FOLDER_IMAGE_SIZE
+    decoded_gb = len(listing) * 3 * size * size / 2**30
+    backend = d.backend
+    if backend == "auto":
+        backend = "stream" if decoded_gb > d.memory_limit_gb else "memory"
+        log(f"data.backend auto: {len(listing)} images at {size}px are {decoded_gb:.2f} GB decoded, "
+            f"{'above' if backend == 'stream' else 'within'} memory_limit_gb={d.memory_limit_gb:g}: {backend}")
+    if backend == "memory" or cache_root is None or start_ray is None:
+        return decode_listing(listing, source=d.source, split=split, image_size=size,
+                              max_image_pixels=d.max_image_pixels, log=log)
+    return pixel_cache.load(listing, source=d.source, split=split, size=size, max_pixels=d.max_image_pixels,
+                            cache_root=cache_root, start_ray=start_ray, log=log)
 
 
 @dataclass
@@ -56,13 +78,18 @@ class RunContext:
         if self.train is not None:
             return
         d = self.config.data
-        self.train = load_split(self.config, "train", self.log)
+        self.train = self.load_split("train")
         self.log(f"data: {d.source}/{d.train_split}: {len(self.train)} images {self.train.images.shape[1:]}")
         if any(stage.uses_eval_split() for stage in self.config.stages):
-            self.evalset = load_split(self.config, "eval", self.log)
+            self.evalset = self.load_split("eval")
             self.log(f"data: {d.source}/{d.eval_split}: {len(self.evalset)} images for evaluation")
         self.data_fingerprint = self.train.fingerprint()
         self.eval_fingerprint = self.evalset.fingerprint() if self.evalset is not None else None
+
+    def load_split(self, which: str):
+        """One split (see :func:`load_split`); streamed ones are cached under data.cache_dir."""
+        cache_root = Path(self.config.data.cache_dir or self.output_dir / "pixel_cache")
+        return load_split(self.config, which, self.log, cache_root=cache_root, start_ray=self.ensure_ray)
 
     def log_datasets(self, run_id: str, *, evaluation: bool = True) -> None:
         """The splits a run reads as MLflow input datasets (source, split, size; the fingerprint as digest)."""
@@ -141,12 +168,15 @@ class RunContext:
         return all(free.get(k, 0.0) >= v for k, v in need.items())
 
     def put_images(self, images: np.ndarray | None = None):
-        """An object-store reference to `images`, or to the training split (put once and shared)."""
+        """What a Train worker reads its pixels from: an object-store reference to in-memory `images` (or the
+        training split, put once and shared), or the stream backend's ShardedImages itself."""
         import ray
 
         self.ensure_ray()
         if images is not None:
-            return ray.put(images)
+            return images if not isinstance(images, np.ndarray) else ray.put(images)
+        if not isinstance(self.train.images, np.ndarray):
+            return self.train.images  # the pixel cache: workers map its shards themselves
         with self.lock:
             if self._train_ref is None:
                 self._train_ref = ray.put(self.train.images)

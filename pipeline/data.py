@@ -10,13 +10,10 @@ names the source and path and says how to fix it.
 
 from __future__ import annotations
 
-import concurrent.futures
 import gzip
 import hashlib
 import os
 import pickle
-import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,7 +35,8 @@ class DataError(Exception):
     """Bad or missing input data; the CLI maps it to exit code 2. Message names the source/path."""
 
 
-SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "photos", "folder")
+SOURCES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "digits", "photos", "folder", "manifest")
+FILE_SOURCES = ("folder", "manifest")  # decoded from image files (pipeline/image_files.py); either backend
 
 # Splits each source understands; STL10 also ships a large unlabeled split meant for pretraining.
 SPLITS: dict[str, tuple[str, ...]] = {s: ("train", "test") for s in SOURCES}
@@ -47,7 +45,6 @@ SPLITS["stl10"] = ("train", "test", "unlabeled")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-DEFAULT_FOLDER_IMAGE_SIZE = 64
 
 # Same order as torchvision.datasets.FashionMNIST.classes (hard-coded: no dataset object needed).
 FASHION_MNIST_CLASSES = [
@@ -89,10 +86,67 @@ def _cache_root(source: str) -> Path:
 
 
 @dataclass
+class PixelMoments:
+    """Exact integer pixel sums of a set: per-channel sums and channel cross-products, over `count` pixels per
+    channel. The normalisation a backbone gets (:meth:`stats`) follows from them for 1 or 3 input channels, and
+    the stream backend sums them during its one decoding pass instead of re-reading pixels."""
+
+    count: int
+    sums: np.ndarray  # int64 (C,)
+    cross: np.ndarray  # int64 (C, C): sum over pixels of x_i * x_j
+
+    @classmethod
+    def of(cls, images: np.ndarray) -> "PixelMoments":
+        """Moments of a uint8 (n, C, H, W) chunk. float64 products stay exact integers for chunks below
+        2**53 / 255**2 (about 1.3e8) pixels per channel; callers pass chunks of a few hundred images."""
+        x = np.asarray(images).reshape(len(images), images.shape[1], -1).transpose(1, 0, 2)
+        x = x.reshape(images.shape[1], -1).astype(np.float64)
+        return cls(int(x.shape[1]), np.rint(x.sum(axis=1)).astype(np.int64), np.rint(x @ x.T).astype(np.int64))
+
+    @classmethod
+    def empty(cls, channels: int) -> "PixelMoments":
+        return cls(0, np.zeros(channels, dtype=np.int64), np.zeros((channels, channels), dtype=np.int64))
+
+    def __add__(self, other: "PixelMoments") -> "PixelMoments":
+        return PixelMoments(self.count + other.count, self.sums + other.sums, self.cross + other.cross)
+
+    def stats(self, in_chans: int) -> tuple[list[float], list[float]]:
+        """Per-channel mean/std in [0, 1] units as a backbone with `in_chans` channels sees the images: grey
+        repeated to RGB, or RGB reduced to luma (ITU-R 601, as pretext.embeddings.match_channels does)."""
+        n = max(self.count, 1)
+        mean = self.sums / n / 255.0
+        cov = self.cross / n / 255.0**2 - np.outer(mean, mean)
+        channels = len(self.sums)
+        if channels == 3 and in_chans == 1:
+            w = np.array([0.299, 0.587, 0.114])
+            mean, var = np.array([w @ mean]), np.array([w @ cov @ w])
+        else:
+            var = np.diag(cov)
+            if channels == 1 and in_chans == 3:
+                mean, var = np.repeat(mean, 3), np.repeat(var, 3)
+        std = np.maximum(np.sqrt(np.maximum(var, 0.0)), 1e-3)
+        return [float(m) for m in mean], [float(s) for s in std]
+
+
+def row_digest(image: np.ndarray) -> bytes:
+    """128-bit BLAKE2b of one uint8 (C, H, W) image's pixels, salted with its shape (the same bytes in another
+    shape are not the same image). What both data backends store per row."""
+    image = np.ascontiguousarray(image)
+    return hashlib.blake2b(image.reshape(-1), digest_size=16, salt=repr(image.shape).encode()[:16]).digest()
+
+
+def take_rows(images, idx: np.ndarray):
+    """Rows `idx` of an image array: copied for an in-memory array, a view without reading pixels for the
+    stream backend's sharded cache (pipeline.pixel_cache.ShardedImages.take)."""
+    return images.take(idx) if hasattr(images, "shard_files") else images[idx]
+
+
+@dataclass
 class ImageSet:
     """A loaded split: uint8 pixels (N, C, H, W) plus optional labels, ids and provenance.
 
-    Kept as plain numpy so it pickles cheaply to Ray workers and hashes deterministically.
+    `images` is an in-memory numpy array (the `memory` backend) or the stream backend's memory-mapped pixel
+    cache (pipeline.pixel_cache.ShardedImages), which indexes like one and reads only the rows asked for.
     """
 
     images: np.ndarray
@@ -102,6 +156,8 @@ class ImageSet:
     source: str
     split: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    digests: np.ndarray | None = None  # (N,) S16 row digests, when already known (the pixel cache stores them)
+    moments: PixelMoments | None = None  # when already known
 
     def __post_init__(self) -> None:
         # Fail early on internal inconsistencies instead of mis-aligned labels much later.
@@ -116,6 +172,8 @@ class ImageSet:
                 raise ValueError(f"labels shape {self.labels.shape} does not match {n} images")
         if self.ids is not None and len(self.ids) != n:
             raise ValueError(f"{len(self.ids)} ids for {n} images")
+        if self.digests is not None and len(self.digests) != n:
+            raise ValueError(f"{len(self.digests)} row digests for {n} images")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -130,7 +188,7 @@ class ImageSet:
         return int(self.images.shape[2]), int(self.images.shape[3])
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageSet":
-        """Select images by index (or boolean mask), keeping labels/ids aligned and `skipped` as is."""
+        """Select images by index (or boolean mask), keeping labels/ids/digests aligned and `skipped` as is."""
         idx = np.asarray(indices)
         if idx.dtype == bool:
             if idx.shape != (len(self),):
@@ -138,27 +196,40 @@ class ImageSet:
             idx = np.flatnonzero(idx)
         idx = idx.astype(np.int64, copy=False).reshape(-1)
         return ImageSet(
-            images=self.images[idx],
+            images=take_rows(self.images, idx),
             labels=None if self.labels is None else self.labels[idx],
             ids=None if self.ids is None else [self.ids[i] for i in idx.tolist()],
             class_names=None if self.class_names is None else list(self.class_names),
             source=self.source,
             split=self.split,
             skipped=list(self.skipped),
+            digests=None if self.digests is None else self.digests[idx],
         )
 
+    def chunks(self, size: int = 512):
+        """The pixels in consecutive (n, C, H, W) uint8 chunks: bounded memory whatever the backend."""
+        for start in range(0, len(self), size):
+            yield np.asarray(self.images[start:start + size])
+
     def row_digests(self) -> np.ndarray:
-        """(N,) ``S16`` array: a 128-bit BLAKE2b digest of each image's uint8 pixels and shape.
+        """(N,) ``S16`` array: :func:`row_digest` of each image (computed once, or read from the pixel cache).
 
         Equal digests mean the same pixels: what nearest-neighbour metrics use to recognise a query's own
-        image in the bank when the splits carry no ids. One C call per row over a contiguous buffer (no
-        per-pixel Python); measured faster than a numpy-vectorised 128-bit mixing hash (60,000 x 1x28x28:
-        0.24 s vs 0.5 s; 20,000 x 3x64x64: 0.46 s vs 2.4 s) and collision-free in practice.
+        image in the bank when the splits carry no ids, and what :meth:`fingerprint` is made of. One C call
+        per row (60,000 x 1x28x28: 0.24 s; 20,000 x 3x64x64: 0.46 s) and collision-free in practice.
         """
-        images = np.ascontiguousarray(self.images)
-        rows = images.reshape(len(images), -1)
-        salt = repr(images.shape[1:]).encode()[:16]  # same bytes in another shape are not the same image
-        return np.array([hashlib.blake2b(row, digest_size=16, salt=salt).digest() for row in rows], dtype="S16")
+        if self.digests is None:
+            self.digests = np.array([row_digest(image) for chunk in self.chunks() for image in chunk], dtype="S16")
+        return self.digests
+
+    def pixel_moments(self) -> PixelMoments:
+        """Exact pixel sums (see :class:`PixelMoments`), computed once in bounded memory."""
+        if self.moments is None:
+            total = PixelMoments.empty(self.channels)
+            for chunk in self.chunks(256):
+                total = total + PixelMoments.of(chunk)
+            self.moments = total
+        return self.moments
 
     def identity_keys(self, other: "ImageSet") -> tuple[np.ndarray, np.ndarray, str]:
         """Keys that say which images of this set and `other` are the same image, and the rule used:
@@ -171,13 +242,13 @@ class ImageSet:
     def fingerprint(self) -> str:
         """Short sha256 identifying the exact pixels/labels a model was trained on (logged to MLflow).
 
-        Ids and skipped files are left out on purpose: the same pixels under another path are the
-        same training data.
+        Made of the row digests, so the stream backend computes it from its cache without reading a pixel and
+        both backends agree. Ids and skipped files are left out on purpose: the same pixels under another path
+        are the same training data.
         """
-        images = np.ascontiguousarray(self.images)
         h = hashlib.sha256()
-        h.update(f"{self.source}\0{self.split}\0{images.shape}\0".encode())
-        h.update(hashlib.sha256(memoryview(images).cast("B")).digest())
+        h.update(f"{self.source}\0{self.split}\0{tuple(self.images.shape)}\0".encode())
+        h.update(hashlib.sha256(np.ascontiguousarray(self.row_digests()).tobytes()).digest())
         if self.labels is None:
             h.update(b"nolabels")
         else:
@@ -215,6 +286,7 @@ def load_images(
     seed: int = 0,
     classes: list[int] | None = None,
     max_image_pixels: int = 89_478_485,
+    labels: str = "auto",
     log: Callable[[str], object] = print,
 ) -> ImageSet:
     """Load one split of a data source as an :class:`ImageSet`.
@@ -228,6 +300,11 @@ def load_images(
       returned in original order. For folders it is drawn before decoding (so huge folders stay
       cheap); files that then fail to decode make the result a little smaller.
     - ``max_image_pixels``: folder images larger than this are skipped (decompression-bomb guard).
+    - ``labels``: how a folder's labels are found (``auto | folders | none``, see
+      :func:`pipeline.image_files.list_folder`); a manifest's ``none`` ignores its label column.
+
+    Folders and manifests are decoded here, on this machine (the `memory` backend); the `stream` backend
+    builds a pixel cache with Ray Data instead (pipeline/pixel_cache.py).
     """
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; known sources: {', '.join(SOURCES)}")
@@ -243,17 +320,13 @@ def load_images(
         if len(classes) == 0:
             raise DataError("classes is an empty list; leave it out to keep all classes")
 
-    if source == "folder":
-        return _load_folder(
-            root,
-            split,
-            image_size=image_size,
-            subset=subset,
-            seed=seed,
-            classes=classes,
-            max_image_pixels=max_image_pixels,
-            log=log,
-        )
+    if source in FILE_SOURCES:
+        from pipeline.image_files import decode_listing, list_folder, read_manifest
+
+        lister = list_folder if source == "folder" else read_manifest
+        listing = select_listing(lister(root, split, labels, log), classes, subset, seed)
+        return decode_listing(listing, source=source, split=split, image_size=image_size,
+                              max_image_pixels=max_image_pixels, log=log)
 
     if source in ("fashion-mnist", "mnist"):
         images, labels, class_names, where = _load_idx_source(source, split, root, download, log)
@@ -323,6 +396,16 @@ def _select(
     if len(idx) == n:
         return None
     return idx
+
+
+def select_listing(listing, classes: list[int] | None, subset: int | None, seed: int):
+    """A file listing filtered by `classes` and a seeded stratified `subset`, before anything is decoded."""
+    keep = _select(listing.labels, listing.class_names, classes, subset, seed, listing.where, len(listing))
+    if keep is None:
+        return listing
+    if len(keep) == 0:
+        raise DataError(f"{listing.where}: no images left after filtering (classes={classes})")
+    return listing.take(keep)
 
 
 def _stratified_subset(idx: np.ndarray, labels: np.ndarray | None, k: int, seed: int) -> np.ndarray:
@@ -581,226 +664,3 @@ def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray, list[str], str]:
         is_test[rng.permutation(members)[:n_test]] = True
     keep = np.flatnonzero(is_test if split == "test" else ~is_test)
     return images[keep], labels[keep], [str(i) for i in range(10)], "sklearn.datasets.load_digits"
-
-
-# ----------------------------------------------------------------------------------------------
-# folder
-# ----------------------------------------------------------------------------------------------
-
-_PIL_LOCK = threading.Lock()  # PIL's bomb limit is process-global: one folder decode at a time
-_MAX_DECODE_THREADS = 4
-
-
-def _is_image_file(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _walk_images(folder: Path) -> list[Path]:
-    """All image files under `folder`, recursively, sorted; hidden files/folders are ignored."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if _is_image_file(f))
-    return sorted(found)
-
-
-def _scan_folder(folder: Path) -> tuple[list[Path], np.ndarray | None, list[str] | None]:
-    """Files, labels and class names of one split folder.
-
-    Labeled (ImageFolder-style) when the folder holds no images itself and at least two
-    sub-folders contain images: labels are indices into the sorted sub-folder names that have
-    images. Anything else is an unlabeled (flat or recursive) collection.
-    """
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    loose = [e for e in entries if e.is_file() and _is_image_file(e.name)]
-    if not loose:
-        per_class = []
-        for e in entries:
-            if e.is_dir() and not e.name.startswith("."):
-                files = _walk_images(Path(e.path))
-                if files:
-                    per_class.append((e.name, files))
-        if len(per_class) >= 2:
-            files, labels = [], []
-            for label, (_, class_files) in enumerate(per_class):
-                files.extend(class_files)
-                labels.extend([label] * len(class_files))
-            return files, np.asarray(labels, dtype=np.int64), [name for name, _ in per_class]
-    return _walk_images(folder), None, None
-
-
-class _Skip(Exception):
-    """A file that is unreadable for a reason we can state plainly."""
-
-
-def _to_rgb_pil(im):
-    """Any PIL mode -> RGB. Alpha is composited on white; 16/32-bit grayscale is rescaled, not clipped."""
-    from PIL import Image
-
-    mode = im.mode
-    if mode == "RGB":
-        return im
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(im)
-        if mode.startswith("I;16"):
-            arr = arr.astype(np.float64) / 257.0
-        elif mode == "I" and arr.size and arr.max() > 255:
-            # PNG 16-bit grayscale can arrive as 'I' with values up to 65535.
-            arr = arr.astype(np.float64) / 257.0
-        gray = np.rint(np.clip(arr, 0, 255)).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif mode in ("LA", "PA", "La", "RGBa"):
-        im = im.convert("RGBA")
-    if im.mode == "RGBA":
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, im).convert("RGB")
-    return im.convert("RGB")
-
-
-def _decode_one(path: Path, size: int, max_pixels: int) -> np.ndarray:
-    """Decode one file to uint8 (size, size, 3): RGB, shorter side resized to `size`, center-cropped."""
-    from PIL import Image, ImageOps
-
-    if path.stat().st_size == 0:
-        raise _Skip("empty file (0 bytes)")
-    with Image.open(path) as im:
-        w, h = im.size
-        if w * h > max_pixels:
-            # Checked on the header, before any pixel is decoded.
-            raise _Skip(
-                f"image size {w}x{h} = {w * h} pixels exceeds max_image_pixels={max_pixels} "
-                "(decompression bomb guard)"
-            )
-        im.draft(None, (size, size))  # JPEG: let libjpeg downscale while decoding (never below size)
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        im = _to_rgb_pil(im)
-        w, h = im.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.uint8)
-    if arr.shape != (size, size, 3):
-        raise _Skip(f"decoded to unexpected shape {arr.shape}")
-    return arr
-
-
-def _try_decode(path: Path, size: int, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
-    from PIL import Image
-
-    try:
-        return _decode_one(path, size, max_pixels), None
-    except _Skip as e:
-        return None, str(e)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        # PIL checks while reading the header; its message carries the pixel count.
-        return None, f"exceeds max_image_pixels={max_pixels} (decompression bomb guard): {e}"
-    except MemoryError:
-        raise
-    except Exception as e:  # any decoder failure means "this file is unreadable": skip it
-        return None, f"{type(e).__name__}: {e}"
-
-
-def _load_folder(
-    root: str | None,
-    split: str,
-    *,
-    image_size: int | None,
-    subset: int | None,
-    seed: int,
-    classes: list[int] | None,
-    max_image_pixels: int,
-    log: Callable[[str], object],
-) -> ImageSet:
-    """Images from a directory.
-
-    Split: if `root` has a ``train/`` sub-folder and a ``test/`` (or ``val/``) one, they are the
-    splits. Otherwise the whole folder is the "train" split and "test" returns the same images:
-    unlabeled collections are evaluated on themselves.
-    """
-    if root is None:
-        raise DataError("source 'folder' needs root: the directory that holds the images")
-    base = Path(root).expanduser()
-    if not base.exists():
-        raise DataError(f"folder {base} does not exist")
-    if not base.is_dir():
-        raise DataError(f"folder source root {base} is not a directory")
-
-    test_dir = next((base / n for n in ("test", "val") if (base / n).is_dir()), None)
-    if (base / "train").is_dir() and test_dir is not None:
-        folder = base / "train" if split == "train" else test_dir
-    else:
-        folder = base
-        if split == "test":
-            log(f"folder {base} has no train/ and test/ sub-folders: split 'test' uses the same images as 'train'")
-
-    try:
-        files, labels, class_names = _scan_folder(folder)
-    except OSError as e:
-        raise DataError(f"cannot list folder {folder}: {e}") from e
-    if not files:
-        raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
-
-    keep = _select(labels, class_names, classes, subset, seed, f"folder {folder}", len(files))
-    if keep is not None:
-        files = [files[i] for i in keep.tolist()]
-        labels = None if labels is None else labels[keep]
-    if not files:
-        raise DataError(f"folder {folder}: no images left after filtering (classes={classes})")
-
-    size = DEFAULT_FOLDER_IMAGE_SIZE if image_size is None else int(image_size)
-    images = np.empty((len(files), 3, size, size), dtype=np.uint8)
-    ok = np.zeros(len(files), dtype=bool)
-    skipped: list[tuple[str, str]] = []
-
-    from PIL import Image, ImageFile
-
-    with _PIL_LOCK:
-        old_limit, old_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-        Image.MAX_IMAGE_PIXELS = max_image_pixels
-        ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must be skipped, not half-decoded
-        try:
-            with warnings.catch_warnings():
-                # Make PIL's bomb *warning* an exception in the workers so it becomes a skip.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                workers = max(1, min(_MAX_DECODE_THREADS, len(files)))
-                with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                    results = pool.map(lambda p: _try_decode(p, size, max_image_pixels), files)
-                    for i, (path, (arr, reason)) in enumerate(zip(files, results)):
-                        if arr is None:
-                            skipped.append((str(path), reason))
-                            log(f"skipped {path}: {reason}")
-                        else:
-                            images[i] = arr.transpose(2, 0, 1)
-                            ok[i] = True
-        finally:
-            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_limit, old_truncated
-
-    if not ok.any():
-        raise DataError(
-            f"folder {folder}: none of {len(files)} image files could be read; first: "
-            f"{skipped[0][0]}: {skipped[0][1]}"
-        )
-    if skipped:
-        images = images[ok]
-        labels = None if labels is None else labels[ok]
-        files = [f for f, good in zip(files, ok.tolist()) if good]
-    log(
-        f"loaded folder {folder} ({split}): {len(files)} images 3x{size}x{size}"
-        + (f", {len(class_names)} classes" if class_names else ", unlabeled")
-        + f"; skipped {len(skipped)} unreadable file(s)"
-    )
-    return ImageSet(
-        images=images,
-        labels=labels,
-        ids=[str(f) for f in files],
-        class_names=class_names,
-        source="folder",
-        split=split,
-        skipped=skipped,
-    )

@@ -46,7 +46,6 @@ def retrain(config: PipelineConfig, output_dir: Path, log: Callable[[str], None]
 
     Returns the decision (also in summary.json under `retrain` and as tags of the run in MLflow).
     """
-    from pipeline.context import load_split
     from pipeline.data import DataError
     from pipeline.runner import PipelineRun
     from pipeline.store import write_json_atomic
@@ -64,7 +63,7 @@ def retrain(config: PipelineConfig, output_dir: Path, log: Callable[[str], None]
 
     run = PipelineRun(config, output_dir, log=log)
     run.ctx.load_data()
-    evalset = run.ctx.evalset or load_split(config, "eval", log)
+    evalset = run.ctx.evalset or run.ctx.load_split("eval")
     if run.ctx.train.labels is None or evalset.labels is None:
         raise DataError(f"retrain compares models by {metric}, which needs labels; "
                         f"data source '{config.data.source}' has none here")

@@ -43,7 +43,8 @@ class TrainJob:
     stage: dict[str, Any]  # PretextStage.model_dump()
     backbone: dict[str, Any]  # BackboneConfig.model_dump()
     seed: int
-    data: list  # [ray.ObjectRef of a uint8 (N, C, H, W) array]; a list so the ref travels as a ref
+    data: list  # [ray.ObjectRef of a uint8 (N, C, H, W) array, or a pixel_cache.ShardedImages]; a list so a ref
+    #             travels as a ref
     mean: list[float]
     std: list[float]
     init_artifact: str | None = None
@@ -328,7 +329,7 @@ class Worker:
     rank: int
     world: int
     device: torch.device
-    images: np.ndarray  # read-only uint8 (N, C, H, W) from the object store
+    images: Any  # read-only uint8 (N, C, H, W): from the object store, or memory-mapped from the pixel cache
     labels: np.ndarray | None
     model: torch.nn.Module  # DDP-wrapped when world > 1
     method: Any  # the unwrapped method
@@ -369,7 +370,9 @@ def setup_worker(job: TrainJob, hooks: FaultHooks | None) -> Worker:
     torch.manual_seed(job.seed * 1000 + rank)
     np.random.seed(job.seed * 1000 + rank)
 
-    images = ray.get(job.data[0])
+    images = job.data[0]  # an object-store reference to in-memory pixels, or the stream backend's pixel cache
+    if isinstance(images, ray.ObjectRef):
+        images = ray.get(images)
     method, feature_dim = build_stage_method(job, device)
     labels = None
     if getattr(method, "needs_labels", False):

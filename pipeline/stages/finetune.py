@@ -26,6 +26,7 @@ class FinetuneExecutor(TrainingExecutor):
 
     def run(self, ctx: RunContext, stage: FinetuneStage, run: StageRun) -> StageResult:
         from downstream.finetune import stratified_fraction
+        from pipeline.data import take_rows
         from pipeline.classifier import classifier_accuracy, write_classifier
 
         class_ids, targets = np.unique(ctx.train.labels, return_inverse=True)
@@ -33,7 +34,7 @@ class FinetuneExecutor(TrainingExecutor):
         ctx.log(f"[{stage.name}] {stage.mode} fine-tuning on {len(keep)} labeled images "
                 f"({stage.label_fraction:g} of {len(targets)}, {len(class_ids)} classes)")
         job_stage = stage.model_copy(update={"settings": stage.method_settings(len(class_ids), class_ids.tolist())})
-        result = train_stage(ctx, job_stage, run, images=ctx.train.images[keep], labels=targets[keep])
+        result = train_stage(ctx, job_stage, run, images=take_rows(ctx.train.images, keep), labels=targets[keep])
         classifier = write_classifier(result.artifacts["backbone"], result.artifacts["classifier"])
         test = classifier_accuracy(classifier, ctx.evalset.images, ctx.evalset.labels)
         ctx.log(f"[{stage.name}] test accuracy {test['accuracy']:.4f}"

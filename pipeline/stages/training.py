@@ -24,18 +24,6 @@ FINAL_METRICS = ("stage_time_s", "knn_accuracy", "nmi", "ari", "cluster_accuracy
                  "labeled_images", "map_at_r", "knn_excluded_matches", "retrieval_excluded_matches")
 
 
-def channel_stats(images: np.ndarray, in_chans: int, max_images: int = 20000) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std of the training images as the backbone will see them (saved in the artifact)."""
-    sample = images[:max_images].astype(np.float32) / 255.0
-    if sample.shape[1] == 1 and in_chans == 3:
-        sample = np.repeat(sample, 3, axis=1)
-    elif sample.shape[1] == 3 and in_chans == 1:
-        sample = (sample * np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(1, 3, 1, 1)).sum(1, keepdims=True)
-    mean = sample.mean(axis=(0, 2, 3))
-    std = np.maximum(sample.std(axis=(0, 2, 3)), 1e-3)
-    return [float(m) for m in mean], [float(s) for s in std]
-
-
 def check_colour(ctx: RunContext, stage: TrainingStage) -> None:
     """A colour method (colorization) cannot learn from a grayscale source."""
     from pipeline.data import DataError
@@ -55,7 +43,7 @@ def train_stage(ctx: RunContext, stage: TrainingStage, run: StageRun, *, images:
     from pipeline.trainer import TrainJob, fit_stage
 
     cfg = ctx.config
-    mean, std = channel_stats(ctx.train.images, cfg.backbone.in_chans)
+    mean, std = ctx.train.pixel_moments().stats(cfg.backbone.in_chans)  # exact, over the whole training split
     data_ref = ctx.put_images(images)
     job = TrainJob(
         stage=stage.model_dump(mode="json"),
