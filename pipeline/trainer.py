@@ -543,7 +543,7 @@ def epoch_metrics(w: Worker, sums: dict[str, torch.Tensor], steps: int, images: 
         torch.distributed.all_reduce(stacked)
         means = {k: stacked[i] / w.world for i, k in enumerate(keys)}
     metrics = {k: float(v) for k, v in means.items()}
-    metrics.update(peak_memory_mb=peak_memory_mb(w.device), epoch=epoch + 1,
+    metrics.update(peak_memory_mb=peak_memory_mb(w.device), epoch=epoch + 1, steps_per_epoch=float(w.steps_per_epoch),
                    lr=float(w.scheduler.get_last_lr()[0]), images_per_sec=images * w.world / max(seconds, 1e-9),
                    epoch_time_s=seconds)
     return metrics

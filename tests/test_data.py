@@ -509,3 +509,57 @@ def test_photos_are_colour_tiles_with_disjoint_splits():
     assert {i.split(":")[0] for i in train.ids}.isdisjoint({i.split(":")[0] for i in test.ids})
     # real colour: the channels differ
     assert np.abs(train.images[:, 0].astype(int) - train.images[:, 2].astype(int)).mean() > 5
+
+
+def test_folder_label_rules(tmp_path):
+    """`labels: none` makes any tree one unlabeled collection; `folders` labels by sub-folder name and refuses
+    loose images; `auto` says in the log which rule it applied."""
+    _img(tmp_path / "2021" / "a.png")
+    _img(tmp_path / "2021" / "deep" / "b.png")
+    _img(tmp_path / "2022" / "c.png")
+    auto_log: list[str] = []
+    auto = load_images("folder", root=str(tmp_path), image_size=8, log=auto_log.append)
+    assert auto.class_names == ["2021", "2022"] and auto.labels.tolist() == [0, 0, 1]
+    assert any("labels: auto found class sub-folders" in line for line in auto_log)
+    none_log: list[str] = []
+    none = load_images("folder", root=str(tmp_path), image_size=8, labels="none", log=none_log.append)
+    assert none.labels is None and none.class_names is None and len(none) == 3
+    assert any("unlabeled" in line and "labels: none" in line for line in none_log)
+    assert np.array_equal(none.images, auto.images)
+    with pytest.raises(DataError, match="classes"):
+        load_images("folder", root=str(tmp_path), classes=[0], labels="none", log=lambda s: None)
+    _img(tmp_path / "loose.png")
+    with pytest.raises(DataError, match=r"labels: folders.*loose\.png"):
+        load_images("folder", root=str(tmp_path), labels="folders", log=lambda s: None)
+    assert load_images("folder", root=str(tmp_path), log=lambda s: None).labels is None  # auto: a collection
+
+
+def test_manifest_source(tmp_path):
+    """A CSV or Parquet manifest: relative paths, named labels as sorted classes, a split column, a row whose
+    file is missing is a counted skip; bad manifests are DataErrors that name the file and the problem."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name in ("a", "b", "c", "d"):
+        _img(tmp_path / "imgs" / f"{name}.png", color=(ord(name), 0, 0))
+    (tmp_path / "m.csv").write_text("path,label,split\nimgs/a.png,zebra,train\nimgs/b.png,ant,train\n"
+                                    "imgs/gone.png,ant,train\nimgs/c.png,zebra,test\n")
+    train = load_images("manifest", root=str(tmp_path / "m.csv"), image_size=8, log=lambda s: None)
+    assert train.class_names == ["ant", "zebra"] and train.labels.tolist() == [1, 0]
+    assert [Path(p).name for p in train.ids] == ["a.png", "b.png"]
+    assert [(Path(p).name, why) for p, why in train.skipped] == [("gone.png", "file not found")]
+    test = load_images("manifest", "test", root=str(tmp_path / "m.csv"), image_size=8, log=lambda s: None)
+    assert len(test) == 1 and test.images[0, 0, 0, 0] == ord("c")
+    pq.write_table(pa.table({"path": [str(tmp_path / "imgs" / "d.png")], "label": [3]}), tmp_path / "m.parquet")
+    parquet = load_images("manifest", root=str(tmp_path / "m.parquet"), image_size=8, log=lambda s: None)
+    assert parquet.labels.tolist() == [3] and parquet.class_names is None
+    assert load_images("manifest", root=str(tmp_path / "m.parquet"), labels="none", log=lambda s: None).labels is None
+
+    (tmp_path / "nopath.csv").write_text("file,label\nimgs/a.png,1\n")
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 not really")
+    for root, message in ((tmp_path / "nopath.csv", "no 'path' column"), (tmp_path / "missing.csv", "does not exist"),
+                          (tmp_path / "garbage.parquet", "cannot read manifest"), (tmp_path / "imgs", "is a directory")):
+        with pytest.raises(DataError, match=message):
+            load_images("manifest", root=str(root), log=lambda s: None)
+    with pytest.raises(DataError, match="no rows with split 'val'"):
+        load_images("manifest", "val", root=str(tmp_path / "m.csv"), log=lambda s: None)

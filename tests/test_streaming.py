@@ -112,3 +112,45 @@ def test_interrupted_build_is_rebuilt(tmp_path, ray_session):
     streamed, started = stream_split(tmp_path / "imgs", tmp_path / "cache", ray_session)
     assert started and len(streamed) == 27
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [key]
+
+
+def test_pipeline_trains_and_evaluates_the_same_on_both_backends(tmp_path, ray_session):
+    """Same config, `memory` vs `stream`: same data fingerprint and steps per epoch, the same losses and the same
+    evaluation metrics (float tolerance), and the streamed workers read pixels from the cache, not the object
+    store."""
+    import json
+
+    from pipeline.config import validate_config
+    from pipeline.runner import PipelineRun
+
+    make_folder(tmp_path / "imgs", per_class=24)
+    results = {}
+    for backend in ("memory", "stream"):
+        cfg = validate_config({
+            "name": f"both-{backend}", "seed": 0,
+            "data": {"source": "folder", "root": str(tmp_path / "imgs"), "load_size": 16, "backend": backend},
+            "backbone": {"name": "resnet18", "small_image_stem": True, "stem_stride": 2, "image_size": 16},
+            "ray": {"num_workers": 2},
+            "stages": [
+                {"name": "rotation", "kind": "pretext", "method": "rotation", "epochs": 2, "batch_size": 16,
+                 "evaluate": False},
+                {"name": "evaluate", "kind": "evaluate", "input": "rotation", "tsne": False, "clusters": 3,
+                 "knn_k": 5},
+            ]})
+        logs: list[str] = []
+        summary = PipelineRun(cfg, tmp_path / backend, log=logs.append).run()
+        results[backend] = (summary, logs)
+    (mem, mem_logs), (stream, stream_logs) = results["memory"], results["stream"]
+    assert any("pixel cache: decoding" in line for line in stream_logs)
+    assert not any("pixel cache" in line for line in mem_logs)
+    assert (tmp_path / "stream" / "pixel_cache").is_dir()
+    assert mem["data_fingerprint"] == stream["data_fingerprint"]
+    m_train, s_train = mem["stages"]["rotation"]["metrics"], stream["stages"]["rotation"]["metrics"]
+    assert m_train["steps_per_epoch"] == s_train["steps_per_epoch"] > 0
+    assert s_train["loss"] == pytest.approx(m_train["loss"], rel=1e-4, abs=1e-5)
+    m_eval, s_eval = mem["stages"]["evaluate"]["metrics"], stream["stages"]["evaluate"]["metrics"]
+    for key in ("knn_accuracy", "nmi", "kmeans_inertia"):
+        assert s_eval[key] == pytest.approx(m_eval[key], rel=1e-4, abs=1e-5), key
+    embeddings = [np.load(r["stages"]["evaluate"]["artifacts"]["embeddings"]) for r in (mem, stream)]
+    np.testing.assert_allclose(embeddings[1], embeddings[0], rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "stream" / "summary.json").read_text())["stages"].keys() == {"rotation", "evaluate"}
