@@ -431,8 +431,8 @@ class STML(Method):
     ) -> list[np.ndarray]:
         """Nearest-neighbour batches from the student's current g embeddings of all ``images``.
 
-        Re-embedded every epoch, as the authors do (each rank embeds all images: the query split needs
-        no communication). As many batches as the default sampler gives, ``(N // world_size) //
+        Re-embedded every epoch, as the authors do; with several ranks each embeds its share and the shares
+        are all-gathered (:func:`embed_shared`), so every rank holds the same embeddings. As many batches as the default sampler gives, ``(N // world_size) //
         batch_size``, so the trainer's step count and LR schedule hold: that takes ``steps * ceil(batch_size
         / k) * world_size`` queries (about N / k), a fresh random subset every epoch -- the authors' epoch.
         """
@@ -442,7 +442,7 @@ class STML(Method):
             raise ValueError(f"stml: {n} images are too few for {world_size} worker(s) with batches of {batch_size}")
         k = int(self.settings.num_neighbors)
         num_queries = min(n, steps * math.ceil(batch_size / k) * world_size)
-        embeddings = embed_for_sampling(self, images)
+        embeddings = embed_shared(self, images, rank=rank, world_size=world_size)
         return neighbour_batches(embeddings, num_neighbors=k, batch_size=batch_size, seed=seed, epoch=epoch,
                                  rank=rank, world_size=world_size, num_queries=num_queries)
 
@@ -593,6 +593,28 @@ def neighbour_batches(
     if return_queries:
         return batches, batch_queries
     return batches
+
+
+def embed_shared(method: "STML", images: Any, *, rank: int, world_size: int) -> np.ndarray:
+    """All N embeddings on every rank, each rank embedding only rows ``rank::world_size`` (a 1/world_size share
+    of the per-epoch embedding cost) and the shares all-gathered. One process, or no process group: all rows."""
+    import torch.distributed as dist
+
+    n = len(images)
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return embed_for_sampling(method, images)
+    mine = embed_for_sampling(method, images[np.arange(rank, n, world_size)])
+    per_rank = -(-n // world_size)  # rank r holds ceil((n - r) / world) rows: pad every share to the largest
+    device = next(method.parameters()).device
+    padded = torch.zeros(per_rank, mine.shape[1], dtype=torch.float32, device=device)
+    padded[: len(mine)] = torch.from_numpy(mine).to(device)
+    shares = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(shares, padded)
+    out = np.empty((n, mine.shape[1]), dtype=np.float32)
+    for r, share in enumerate(shares):
+        rows = np.arange(r, n, world_size)
+        out[rows] = share[: len(rows)].cpu().numpy()
+    return out
 
 
 @torch.no_grad()

@@ -269,3 +269,23 @@ def test_moco_shuffled_bn_takes_key_statistics_from_the_shuffled_batch(tmp_path,
         assert not torch.allclose(keys, local_bn, atol=1e-4)  # the statistics did come from other images
     else:
         torch.testing.assert_close(keys, local_bn)
+
+
+# -- STML: each rank embeds its share, every rank gets all embeddings ------------------------------------------
+
+def _stml_embed_child(rank: int, out_dir: Path) -> dict:
+    from pretext.stml import embed_shared
+
+    method = _method("stml", {"embedding_dim": 8})
+    images = (_global_images() * 255).to(torch.uint8).numpy()[:7]  # 7 rows: shares of 4 and 3
+    return {"shared": torch.from_numpy(embed_shared(method, images, rank=rank, world_size=WORLD)),
+            "alone": torch.from_numpy(embed_shared(method, images, rank=0, world_size=1))}
+
+
+def test_stml_ranks_embed_a_share_each_and_gather_all_embeddings(tmp_path):
+    """Every rank ends with the embeddings of all 7 images, in image order, equal to one process embedding all."""
+    results = _spawn(_stml_embed_child, tmp_path)
+    for r in results:
+        assert r["shared"].shape == r["alone"].shape and len(r["alone"]) == 7
+        torch.testing.assert_close(r["shared"], r["alone"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0]["shared"], results[1]["shared"])
