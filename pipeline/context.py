@@ -6,6 +6,7 @@ executor; Ray starts the first time a stage needs training, so a fully cached re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -24,11 +25,14 @@ def log(message: str) -> None:
 
 
 def load_split(config: PipelineConfig, which: str, log: Callable[[str], None] = log, *,
-               cache_root: Path | None = None, start_ray: Callable[[], None] | None = None):
+               cache_root: Path | None = None, start_ray: Callable[[], None] | None = None,
+               decoded: dict[str, Any] | None = None):
     """One split of the configured data source: `train` (data.train_*) or `eval` (data.eval_*).
 
     Image files (folder, manifest) go to the backend `data.backend` names; `auto` streams a split whose decoded
-    pixels (N x 3 x S^2 bytes) exceed `data.memory_limit_gb`. Streaming needs `cache_root` and `start_ray`."""
+    pixels (N x 3 x S^2 bytes) exceed `data.memory_limit_gb`. Streaming needs `cache_root` and `start_ray`.
+    `decoded` remembers the splits decoded so far by listing: a folder without train/ and test/ is decoded
+    once for both splits."""
     from pipeline.data import FILE_SOURCES, load_images, select_listing
 
     d = config.data
@@ -50,8 +54,15 @@ def load_split(config: PipelineConfig, which: str, log: Callable[[str], None] = 
         log(f"data.backend auto: {len(listing)} images at {size}px are {decoded_gb:.2f} GB decoded, "
             f"{'above' if backend == 'stream' else 'within'} memory_limit_gb={d.memory_limit_gb:g}: {backend}")
     if backend == "memory" or cache_root is None or start_ray is None:
-        return decode_listing(listing, source=d.source, split=split, image_size=size,
-                              max_image_pixels=d.max_image_pixels, log=log)
+        key = f"{listing.digest()}:{size}:{d.max_image_pixels}"
+        if decoded is not None and key in decoded:
+            log(f"data: {split} lists the same files as an already decoded split: shared, not decoded again")
+            return dataclasses.replace(decoded[key], split=split, digests=None)
+        out = decode_listing(listing, source=d.source, split=split, image_size=size,
+                             max_image_pixels=d.max_image_pixels, log=log)
+        if decoded is not None:
+            decoded[key] = out
+        return out
     return pixel_cache.load(listing, source=d.source, split=split, size=size, max_pixels=d.max_image_pixels,
                             cache_root=cache_root, start_ray=start_ray, log=log)
 
@@ -72,6 +83,7 @@ class RunContext:
     _ray_lock: threading.Lock = field(default_factory=threading.Lock)
     ray_started: bool = False
     _train_ref: Any = None
+    _decoded: dict[str, Any] = field(default_factory=dict)  # see load_split
 
     def load_data(self) -> None:
         """Load the splits once: bad data is reported before anything is created in MLflow."""
@@ -89,7 +101,8 @@ class RunContext:
     def load_split(self, which: str):
         """One split (see :func:`load_split`); streamed ones are cached under data.cache_dir."""
         cache_root = Path(self.config.data.cache_dir or self.output_dir / "pixel_cache")
-        return load_split(self.config, which, self.log, cache_root=cache_root, start_ray=self.ensure_ray)
+        return load_split(self.config, which, self.log, cache_root=cache_root, start_ray=self.ensure_ray,
+                          decoded=self._decoded)
 
     def log_datasets(self, run_id: str, *, evaluation: bool = True) -> None:
         """The splits a run reads as MLflow input datasets (source, split, size; the fingerprint as digest)."""
