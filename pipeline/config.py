@@ -320,6 +320,10 @@ class EvaluateStage(StageBase):
         "included); backbone: its backbone's pooled features alone, e.g. an STML-refined backbone without f",
     )
     batch_size: int = execution_only(512, ge=1, description="images per embedding batch")
+    pixels_max_gib: float = execution_only(
+        4.0, gt=0.0, description="input: pixels holds both splits as float32 features in memory: a larger "
+        "set is refused before the run starts",
+    )
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.1, gt=0.0)
     clusters: int | Literal["auto"] | None = Field(

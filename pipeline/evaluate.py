@@ -24,8 +24,31 @@ from pipeline.config import EvaluateStage
 from pipeline.data import ImageSet
 
 
-def pixel_features(images: np.ndarray) -> np.ndarray:
-    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+def pixel_features(images, chunk: int = 4096) -> np.ndarray:
+    """Raw pixels in [0, 1] as float32 (N, C*H*W), filled a chunk of rows at a time so that an array-like
+    that reads its rows from disk is never copied whole as uint8 besides the features."""
+    out = np.empty((len(images), int(np.prod(images.shape[1:]))), dtype=np.float32)
+    for start in range(0, len(images), chunk):
+        rows = np.asarray(images[start : start + chunk])
+        out[start : start + len(rows)] = rows.reshape(len(rows), -1)
+    out /= 255.0
+    return out
+
+
+def check_pixel_budget(stage: EvaluateStage, train: ImageSet, evalset: ImageSet) -> None:
+    """The pixels baseline holds every image of both splits as float32 features: refuse (DataError) a set
+    that would not fit in `stage.pixels_max_gib`, before any stage runs, rather than run out of memory."""
+    from pipeline.data import DataError
+
+    need = 4 * sum(len(s) * int(np.prod(s.images.shape[1:])) for s in (train, evalset))
+    limit = stage.pixels_max_gib * 2**30
+    if need > limit:
+        raise DataError(
+            f"stage '{stage.name}': the raw-pixel baseline (input: pixels) would hold {len(train) + len(evalset)} "
+            f"images ({len(train)} train + {len(evalset)} evaluation) as float32 features: {need / 2**30:.3g} GiB "
+            f"({need} bytes), over its limit pixels_max_gib: {stage.pixels_max_gib:g} GiB. Evaluate a backbone "
+            "input instead, or subsample the splits with data.train_subset / data.eval_subset"
+        )
 
 
 def backbone_features(artifact: Path, images: np.ndarray, batch_size: int, *, bare: bool = False) -> np.ndarray:
@@ -156,6 +179,7 @@ def evaluate(
 
     t0 = time.time()
     if artifact is None:
+        check_pixel_budget(stage, train, evalset)
         train_x, eval_x = pixel_features(train.images), pixel_features(evalset.images)
     else:
         bare = stage.features == "backbone"

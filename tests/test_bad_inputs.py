@@ -9,6 +9,7 @@
 | empty folder, missing path, all files bad     | exit 2, message names the path           | RUN_CASES      |
 | YAML syntax error, missing config file        | exit 2, line/column or path              | RUN_CASES      |
 | unknown method, misspelled key                | exit 2, key path and a suggestion        | RUN_CASES      |
+| pixels baseline over pixels_max_gib           | exit 2, images, bytes, limit, what to do | test_pixels_   |
 | artifact of another architecture, as init too | BackboneError naming the architecture    | test_backbone_ |
 | corrupted / truncated safetensors             | BackboneError "corrupted or unreadable"  | test_backbone_ |
 | unsafe deserialisation in the code base       | none: torch.load(weights_only=True), yaml.safe_load, no pickle.load | test_no_unsafe_ |
@@ -192,6 +193,24 @@ def test_run_cannot_start(tmp_path, capsys, case, command):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err, err
     assert re.search(pattern, err, re.S), err
+    assert not (out / "mlflow.db").exists()
+
+
+def test_pixels_baseline_over_its_memory_limit(tmp_path, capsys):
+    """input: pixels holds both splits as float32: past pixels_max_gib the run is refused before it starts,
+    with the images, the bytes, the limit and what to do instead."""
+    from pipeline.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text("data: {source: digits}\n"
+                      "stages: [{name: px, kind: evaluate, input: pixels, pixels_max_gib: 1.0e-4}]\n")
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert re.search(r"stage 'px': the raw-pixel baseline .* would hold \d+ images .* \(\d+ bytes\), over its limit "
+                     r"pixels_max_gib: 0.0001 GiB\. Evaluate a backbone input instead, or subsample the splits with "
+                     r"data.train_subset / data.eval_subset", err, re.S), err
     assert not (out / "mlflow.db").exists()
 
 
