@@ -343,6 +343,14 @@ class EvaluateStage(StageBase):
     retrieval_gallery: Literal["eval", "train"] = Field(
         "eval", description="eval: leave-one-out on the evaluation split; train: eval queries search the train split"
     )
+    retrieval_max_queries: int = Field(
+        10_000, ge=1, description="galleries past 20,000 images: a seeded sample of this many queries searches "
+        "the whole gallery (metric retrieval_sampled_queries)",
+    )
+    retrieval_max_depth: int = Field(
+        1000, ge=1, description="galleries past 20,000 images: the search depth; where R exceeds it, R-precision "
+        "and MAP@R with R capped at it are reported as r_precision_capped / map_at_r_capped",
+    )
     recall_at: list[Annotated[int, Field(ge=1)]] | None = Field(
         None, min_length=1, description="default [1, 2, 4, 8], plus 10 and 100 for galleries over 1000 images"
     )

@@ -105,9 +105,10 @@ def quick_evaluate(artifact: Path, train: ImageSet, evalset: ImageSet, *, k: int
 
 
 def _retrieval(stage: EvaluateStage, train_x: np.ndarray, train: ImageSet, eval_x: np.ndarray,
-               evalset: ImageSet, log: Callable[[str], None]) -> dict[str, float]:
+               evalset: ImageSet, seed: int, log: Callable[[str], None]) -> dict[str, float]:
     """Retrieval metrics of the evaluation split: leave-one-out, or eval queries against the train split;
-    either way without the query's own image in the gallery (:func:`self_matches`)."""
+    either way without the query's own image in the gallery (:func:`self_matches`). Past the exact limit,
+    a `seed`ed sample of queries and a capped depth (see downstream.retrieval.retrieval_metrics)."""
     from downstream.retrieval import relevant_counts, retrieval_metrics
 
     name = stage.name
@@ -126,13 +127,20 @@ def _retrieval(stage: EvaluateStage, train_x: np.ndarray, train: ImageSet, eval_
         eval_x, evalset.labels, ks=stage.recall_at, metric=distance,
         gallery_features=train_x if gallery == "train" else eval_x, gallery_labels=g_set.labels,
         train_features=train_x, shrinkage=stage.mahalanobis_shrinkage, exclude=exclude,
+        max_queries=stage.retrieval_max_queries, max_depth=stage.retrieval_max_depth, seed=seed,
     )
     log(f"[{name}] retrieval: {exclude.total} query-gallery pairs left out as the same image "
         f"(rule: same {rule})")
     recalls = sorted((k for k in metrics if k.startswith("recall_at_")), key=lambda k: int(k.rsplit("_", 1)[1]))
-    shown = recalls + ["r_precision", "map_at_r", "map"]
+    shown = [k for k in recalls + ["r_precision", "map_at_r", "r_precision_capped", "map_at_r_capped", "map"]
+             if k in metrics]
+    bounds = ""
+    if "retrieval_sampled_queries" in metrics:
+        bounds += f" of a seeded sample of {int(metrics['retrieval_sampled_queries'])} of {len(eval_x)}"
+    if "retrieval_depth_cap" in metrics:
+        bounds += f", R capped at depth {int(metrics['retrieval_depth_cap'])}"
     log(f"[{name}] retrieval ({distance}, gallery: {'leave-one-out' if gallery == 'eval' else 'train split'}, "
-        f"{int(metrics['retrieval_queries'])} queries): " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown))
+        f"{int(metrics['retrieval_queries'])} queries{bounds}): " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown))
     return metrics
 
 
@@ -211,7 +219,7 @@ def evaluate(
 
     if stage.retrieval and evalset.labels is not None:
         t0 = time.time()
-        metrics.update(_retrieval(stage, train_x, train, eval_x, evalset, log))
+        metrics.update(_retrieval(stage, train_x, train, eval_x, evalset, seed, log))
         metrics["retrieval_time_s"] = time.time() - t0
         if "retrieval_excluded_matches" in metrics:
             gallery_set = train if stage.retrieval_gallery == "train" else evalset
