@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import backbone_artifact
 from pipeline.data import DataError, load_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,14 +226,6 @@ def test_missing_config_file(tmp_path, capsys):
 # backbone artifacts
 
 
-def _artifact(tmp_path: Path, name: str = "resnet18"):
-    from pipeline.backbones import build_backbone, save_backbone
-
-    model, dim = build_backbone(name, small_image_stem=True, stem_stride=2)
-    return save_backbone(tmp_path / f"artifact-{name}", model, name=name, small_image_stem=True, stem_stride=2,
-                         in_chans=3, kwargs={}, feature_dim=dim, input_size=16, mean=[0.5] * 3, std=[0.2] * 3)
-
-
 def test_backbone_weights_of_another_architecture(tmp_path):
     """backbone.json says resnet18, the weights are a resnet34's: loading and stage init both refuse."""
     import torch
@@ -240,7 +233,7 @@ def test_backbone_weights_of_another_architecture(tmp_path):
     from pipeline.backbones import BackboneError, load_backbone
     from pipeline.trainer import TrainJob, build_stage_method
 
-    r18, r34 = _artifact(tmp_path, "resnet18"), _artifact(tmp_path, "resnet34")
+    r18, r34 = backbone_artifact(tmp_path, "resnet18"), backbone_artifact(tmp_path, "resnet34")
     (r18 / "model.safetensors").write_bytes((r34 / "model.safetensors").read_bytes())
     with pytest.raises(BackboneError, match=r"does not match architecture 'resnet18'"):
         load_backbone(r18)
@@ -261,7 +254,7 @@ def test_backbone_weights_of_another_architecture(tmp_path):
 def test_backbone_corrupted_safetensors(tmp_path, damage):
     from pipeline.backbones import BackboneError, load_backbone
 
-    path = _artifact(tmp_path)
+    path = backbone_artifact(tmp_path)
     weights = path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x07garbage" * 64, "empty": b""}[damage])
@@ -272,7 +265,7 @@ def test_backbone_corrupted_safetensors(tmp_path, damage):
 def test_backbone_unreadable_metadata(tmp_path):
     from pipeline.backbones import BackboneError, load_backbone
 
-    path = _artifact(tmp_path)
+    path = backbone_artifact(tmp_path)
     (path / "backbone.json").write_text("{not json")
     with pytest.raises(BackboneError, match=r"unreadable metadata"):
         load_backbone(path)
