@@ -14,6 +14,8 @@ sets carry ids, else the same pixels (ImageSet.row_digests). kNN and retrieval l
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -51,22 +53,47 @@ def check_pixel_budget(stage: EvaluateStage, train: ImageSet, evalset: ImageSet)
         )
 
 
-def backbone_features(artifact: Path, images: np.ndarray, batch_size: int, *, bare: bool = False) -> np.ndarray:
-    """Embeddings of `images` by the artifact's exported module, or by its backbone alone with `bare`."""
+def embed_with(model, meta: dict, images, batch_size: int, **options) -> np.ndarray:
+    """Embeddings of `images` by a loaded artifact's module, preprocessed as its metadata `meta` says;
+    `options` go to pretext.embeddings.embed_images (device, precision)."""
     from pretext.embeddings import embed_images
+
+    return embed_images(model, images, input_size=meta["input_size"], mean=meta["mean"], std=meta["std"],
+                        in_chans=meta["in_chans"], input_transform=meta.get("input_transform", "rgb"),
+                        batch_size=batch_size, **options)
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")  # never imported means not running: not worth importing Ray to ask
+    return ray is not None and ray.is_initialized()
+
+
+def backbone_features(artifact: Path, images, batch_size: int, *, bare: bool = False,
+                      out_path: Path | None = None) -> np.ndarray:
+    """Embeddings of `images` by the artifact's exported module, or by its backbone alone with `bare`.
+
+    Images that are not an in-memory array (the streamed backend's array-like, whose rows are read from
+    files) are embedded on the Ray cluster when Ray is running (:mod:`pipeline.cluster_embed`: one actor per
+    GPU, else one per 4 CPUs), into a .npy memory map at `out_path` (a temporary file, removed once mapped,
+    when None). An np.ndarray, np.memmap included, is embedded in this process, as is everything without Ray.
+    """
     from pipeline.backbones import load_backbone
 
+    if not isinstance(images, np.ndarray) and _ray_running():
+        import ray
+
+        from pipeline.cluster_embed import embed_on_cluster
+
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        options = dict(batch_size=batch_size, bare=bare, use_gpu=gpus > 0,
+                       concurrency=gpus or max(1, int(resources.get("CPU", 1)) // 4))
+        if out_path is not None:
+            return embed_on_cluster(artifact, images, out_path=out_path, **options)
+        with tempfile.TemporaryDirectory() as scratch:  # the memory map outlives its removed file
+            return embed_on_cluster(artifact, images, out_path=Path(scratch) / "embeddings.npy", **options)
     model, meta = load_backbone(artifact, with_meta=True, bare=bare)
-    return embed_images(
-        model,
-        images,
-        input_size=meta["input_size"],
-        mean=meta["mean"],
-        std=meta["std"],
-        in_chans=meta["in_chans"],
-        input_transform=meta.get("input_transform", "rgb"),
-        batch_size=batch_size,
-    )
+    return embed_with(model, meta, images, batch_size)
 
 
 def identity_rule(a: ImageSet, b: ImageSet) -> str:
@@ -194,7 +221,8 @@ def evaluate(
         if bare:
             log(f"[{name}] features: the backbone's pooled features alone (an embedding head, if any, left out)")
         train_x = backbone_features(artifact, train.images, stage.batch_size, bare=bare)
-        eval_x = backbone_features(artifact, evalset.images, stage.batch_size, bare=bare)
+        eval_x = backbone_features(artifact, evalset.images, stage.batch_size, bare=bare,
+                                   out_path=out_dir / "embeddings.npy")
     metrics["embed_time_s"] = time.time() - t0
     log(f"[{name}] embedded {len(train_x)} + {len(eval_x)} images ({eval_x.shape[1]}-d) in {metrics['embed_time_s']:.1f}s")
 
@@ -273,7 +301,8 @@ def evaluate(
     pages = cluster_pages(evalset.images, km.assignments, km.distances, out_dir / "clusters", clusters=range(k),
                           per_page=stage.cluster_page_images, class_names=class_names)
     artifacts["clusters"] = str(out_dir / "clusters")
-    np.save(out_dir / "embeddings.npy", eval_x)
+    if not isinstance(eval_x, np.memmap):  # embedded on the cluster straight into that file
+        np.save(out_dir / "embeddings.npy", eval_x)
     artifacts["embeddings"] = str(out_dir / "embeddings.npy")
     np.save(out_dir / "centroids.npy", km.centroids)
     artifacts["centroids"] = str(out_dir / "centroids.npy")

@@ -234,6 +234,8 @@ def ray_session():
     # that every actor inherits it; real epochs last far longer than either interval.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback test node; the driver and the CLIs must match it
+    # Ray Data's usage poller asks a Prometheus server that a test node has not (a traceback at exit)
+    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
     env = {**os.environ, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.pop("RAY_ADDRESS", None)
     address, _, stop = start_ray_head(env, num_cpus=2, system_config=LEAN_LOCAL_RAY)
