@@ -32,6 +32,27 @@ def _save(path, write) -> str:
     return os.fspath(path)
 
 
+def _image_rows(images, who: str):
+    """``(images, shape)`` after checking uint8 (N, C, H, W), C in {1, 3}. An array-like with ``shape`` and
+    ``dtype`` that reads rows from disk (a memory map, sharded files) stays as it is: the figures read only
+    the rows they show (:func:`_rows`), never the whole set."""
+    if not (hasattr(images, "shape") and hasattr(images, "dtype")):
+        images = np.asarray(images)
+    shape = tuple(int(d) for d in images.shape)
+    if len(shape) != 4 or shape[1] not in (1, 3):
+        raise ValueError(f"{who}: images must be (N, C, H, W) with C in {{1, 3}}, got {shape}")
+    if np.dtype(images.dtype) != np.uint8:
+        raise ValueError(f"{who}: images must be uint8, got {images.dtype}")
+    return images, shape
+
+
+def _rows(images, index) -> np.ndarray:
+    """``images[index]`` as an ndarray: each row read once, in ascending order (what a reader of shards or
+    memory maps does best), then put in the order asked for."""
+    unique, inverse = np.unique(np.asarray(index, dtype=np.int64), return_inverse=True)
+    return np.asarray(images[unique])[inverse.reshape(-1)]
+
+
 # --------------------------------------------------------------------------- 2-D embedding
 
 
@@ -244,14 +265,7 @@ def cluster_grid(
     """
     from PIL import Image, ImageDraw
 
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(
-            f"cluster_grid: images must be (N, C, H, W) with C in {{1, 3}}, got {images.shape}"
-        )
-    if images.dtype != np.uint8:
-        raise ValueError(f"cluster_grid: images must be uint8, got {images.dtype}")
-    n, _, h, w = images.shape
+    images, (n, _, h, w) = _image_rows(images, "cluster_grid")
     assignments = np.asarray(assignments).ravel()
     distances = np.asarray(distances, dtype=np.float64).ravel()
     if assignments.shape[0] != n or distances.shape[0] != n:
@@ -298,12 +312,7 @@ def cluster_grid(
     canvas = np.full((height, width, 3), 255, dtype=np.uint8)
     for r, members in enumerate(row_members):
         y0 = _PAD + r * row_h
-        for j, i in enumerate(members):
-            tile = images[i].transpose(1, 2, 0)  # (H, W, C)
-            if tile.shape[2] == 1:
-                tile = np.repeat(tile, 3, axis=2)
-            if scale > 1:
-                tile = tile.repeat(scale, axis=0).repeat(scale, axis=1)
+        for j, tile in enumerate(_tiles(_rows(images, members), scale)):
             x0 = label_w + j * (tw + _PAD)
             canvas[y0 : y0 + th, x0 : x0 + tw] = tile
 
@@ -357,12 +366,7 @@ def cluster_pages(
     """
     from PIL import Image, ImageDraw
 
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1] not in (1, 3) or images.dtype != np.uint8:
-        raise ValueError(
-            f"cluster_pages: images must be uint8 (N, C, H, W) with C in {{1, 3}}, got {images.dtype} {images.shape}"
-        )
-    n, _, h, w = images.shape
+    images, (n, _, h, w) = _image_rows(images, "cluster_pages")
     assignments = np.asarray(assignments).ravel()
     distances = np.asarray(distances, dtype=np.float64).ravel()
     if assignments.shape[0] != n or distances.shape[0] != n:
@@ -405,7 +409,7 @@ def cluster_pages(
         width = max(_PAD + cols * (tw + _PAD), 2 * _PAD + _text_w(font, title))
         height = _PAD + title_h + rows * (th + cap_h + _PAD)
         canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-        for j, tile in enumerate(_tiles(images[order], scale)):
+        for j, tile in enumerate(_tiles(_rows(images, order), scale)):
             y0 = _PAD + title_h + (j // cols) * (th + cap_h + _PAD)
             x0 = _PAD + (j % cols) * (tw + _PAD)
             canvas[y0 : y0 + th, x0 : x0 + tw] = tile

@@ -76,6 +76,14 @@ class Exclusion:
     def none(cls, n_queries: int, n_bank: int) -> "Exclusion":
         return cls(n_queries, n_bank, np.zeros(n_queries + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
+    def subset(self, rows) -> "Exclusion":
+        """The exclusion of queries ``rows`` only (in that order), same bank: what a sample of queries uses."""
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = self.counts[rows]
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        positions = np.repeat(self.indptr[rows] - indptr[:-1], counts) + np.arange(int(indptr[-1]))
+        return Exclusion(len(rows), self.n_bank, indptr, self.indices[positions])
+
     # ------------------------------------------------------------------------------------------- queries
 
     @property

@@ -20,6 +20,10 @@ evaluation split never shapes its own metric).
 
 Queries whose label has no relevant gallery image (R = 0) cannot score and are left out of every metric, as
 in pytorch-metric-learning's AccuracyCalculator; ``retrieval_queries`` says how many remained.
+
+Past the exact limit the cost can also be bounded (:func:`retrieval_metrics` ``max_queries``, ``max_depth``): a
+seeded sample of queries, and a search depth that does not grow with R. R-precision and MAP@R with R capped at
+that depth are other metrics than the exact ones and are reported as ``r_precision_capped`` / ``map_at_r_capped``.
 """
 
 from __future__ import annotations
@@ -256,11 +260,18 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[
                       metric: str = "cosine", gallery_features: np.ndarray | None = None,
                       gallery_labels: np.ndarray | None = None, train_features: np.ndarray | None = None,
                       shrinkage: float | str = "auto", exact_max: int = EXACT_RANKING_MAX,
-                      exclude: Exclusion | None = None) -> dict[str, float]:
+                      exclude: Exclusion | None = None, max_queries: int | None = None,
+                      max_depth: int | None = None, seed: int = 0) -> dict[str, float]:
     """Recall@ks, R-precision, MAP@R and mAP (full ranking) of `features` as queries.
 
     Galleries larger than `exact_max` are searched with faiss to the depth Recall@K and MAP@R need; mAP
-    (which needs the whole ranking) is then left out.
+    (which needs the whole ranking) is then left out. There, since that depth grows with R (all queries:
+    O(N^2 / classes)), two bounds apply when given: ``max_queries`` scores a uniform sample of that many
+    queries drawn with ``seed`` against the whole gallery (``retrieval_sampled_queries`` says how many were
+    drawn; an unbiased estimate of the all-query means), and ``max_depth`` caps the search depth (never below
+    max(ks)). When some query's R exceeds the depth, R-precision and MAP@R are computed with R capped at it
+    and reported as ``r_precision_capped`` and ``map_at_r_capped`` instead of the exact names, with
+    ``retrieval_depth_cap`` the depth. Galleries up to ``exact_max`` are unaffected by either.
 
     Without a gallery, leave-one-out on `features`; with one, queries search the gallery. `metric` is the
     distance; ``mahalanobis`` whitens with `train_features` (falling back to the gallery when it is the
@@ -299,16 +310,29 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[
         whitening = fit_whitening(source, shrinkage)
         out["retrieval_whitening_shrinkage"] = whitening.shrinkage
 
-    r_all = relevant_counts(labels, g_labels, loo, exclude)
+    reports_exclusion = exclude is not None
+    exact = n_gallery <= exact_max
+    queries, q_labels = features, labels
+    if not exact and max_queries is not None and len(features) > max_queries:
+        if loo:  # a sample of the queries is no longer the gallery: its own rows are left out by index
+            exclude, gallery_features, g_labels, loo = Exclusion.self_rows(len(features)), features, labels, False
+        sample = np.sort(np.random.default_rng(seed).choice(len(features), int(max_queries), replace=False))
+        queries, q_labels = features[sample], labels[sample]
+        exclude = exclude.subset(sample) if exclude is not None else None
+        out["retrieval_sampled_queries"] = float(len(sample))
+
+    r_all = relevant_counts(q_labels, g_labels, loo, exclude)
     sums: dict[str, float] = {}
     scored = 0
-    exact = n_gallery <= exact_max
+    capped = False
     if exact:
-        rankings = ranked_gallery(features, None if loo else gallery_features, distance=metric, whitening=whitening,
+        rankings = ranked_gallery(queries, None if loo else gallery_features, distance=metric, whitening=whitening,
                                   exclude=exclude)
     else:
-        depth = max(max(ks), int(r_all.max()))
-        rankings = faiss_ranked_gallery(features, None if loo else gallery_features, depth=depth, distance=metric,
+        r_max = int(r_all.max())
+        depth = max(max(ks), r_max if max_depth is None else min(r_max, int(max_depth)))
+        capped = r_max > depth
+        rankings = faiss_ranked_gallery(queries, None if loo else gallery_features, depth=depth, distance=metric,
                                         whitening=whitening, exclude=exclude)
     for rows, ranking in rankings:
         r = r_all[rows]
@@ -316,16 +340,20 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[
         if not keep.any():
             continue
         found = ranking[keep]
-        relevant = (g_labels[np.maximum(found, 0)] == labels[rows[keep]][:, None]) & (found >= 0)
-        for name, values in ranking_metrics(relevant, r[keep], ks).items():
+        relevant = (g_labels[np.maximum(found, 0)] == q_labels[rows[keep]][:, None]) & (found >= 0)
+        for name, values in ranking_metrics(relevant, np.minimum(r[keep], depth) if capped else r[keep], ks).items():
             if name == "map" and not exact:
                 continue  # a truncated ranking cannot give the full average precision
+            if capped and name in ("r_precision", "map_at_r"):
+                name += "_capped"
             sums[name] = sums.get(name, 0.0) + float(values.sum())
         scored += int(keep.sum())
     if scored == 0:
         raise ValueError("retrieval: no query has a relevant gallery image (every label occurs once)")
     out.update({name: total / scored for name, total in sums.items()})
     out["retrieval_queries"] = float(scored)
-    if exclude is not None:
+    if capped:
+        out["retrieval_depth_cap"] = float(depth)
+    if reports_exclusion:
         out["retrieval_excluded_matches"] = float(exclude.total)
     return out

@@ -337,6 +337,10 @@ class EvaluateStage(StageBase):
         "included); backbone: its backbone's pooled features alone, e.g. an STML-refined backbone without f",
     )
     batch_size: int = execution_only(512, ge=1, description="images per embedding batch")
+    pixels_max_gib: float = execution_only(
+        4.0, gt=0.0, description="input: pixels holds both splits as float32 features in memory: a larger "
+        "set is refused before the run starts",
+    )
     knn_k: int = Field(200, ge=1)
     knn_temperature: float = Field(0.1, gt=0.0)
     clusters: int | Literal["auto"] | None = Field(
@@ -355,6 +359,14 @@ class EvaluateStage(StageBase):
     )
     retrieval_gallery: Literal["eval", "train"] = Field(
         "eval", description="eval: leave-one-out on the evaluation split; train: eval queries search the train split"
+    )
+    retrieval_max_queries: int = Field(
+        10_000, ge=1, description="galleries past 20,000 images: a seeded sample of this many queries searches "
+        "the whole gallery (metric retrieval_sampled_queries)",
+    )
+    retrieval_max_depth: int = Field(
+        1000, ge=1, description="galleries past 20,000 images: the search depth; where R exceeds it, R-precision "
+        "and MAP@R with R capped at it are reported as r_precision_capped / map_at_r_capped",
     )
     recall_at: list[Annotated[int, Field(ge=1)]] | None = Field(
         None, min_length=1, description="default [1, 2, 4, 8], plus 10 and 100 for galleries over 1000 images"

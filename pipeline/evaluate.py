@@ -14,6 +14,8 @@ sets carry ids, else the same pixels (ImageSet.row_digests). kNN and retrieval l
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,26 +26,74 @@ from pipeline.config import EvaluateStage
 from pipeline.data import ImageSet
 
 
-def pixel_features(images: np.ndarray) -> np.ndarray:
-    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+def pixel_features(images, chunk: int = 4096) -> np.ndarray:
+    """Raw pixels in [0, 1] as float32 (N, C*H*W), filled a chunk of rows at a time so that an array-like
+    that reads its rows from disk is never copied whole as uint8 besides the features."""
+    out = np.empty((len(images), int(np.prod(images.shape[1:]))), dtype=np.float32)
+    for start in range(0, len(images), chunk):
+        rows = np.asarray(images[start : start + chunk])
+        out[start : start + len(rows)] = rows.reshape(len(rows), -1)
+    out /= 255.0
+    return out
 
 
-def backbone_features(artifact: Path, images: np.ndarray, batch_size: int, *, bare: bool = False) -> np.ndarray:
-    """Embeddings of `images` by the artifact's exported module, or by its backbone alone with `bare`."""
+def check_pixel_budget(stage: EvaluateStage, train: ImageSet, evalset: ImageSet) -> None:
+    """The pixels baseline holds every image of both splits as float32 features: refuse (DataError) a set
+    that would not fit in `stage.pixels_max_gib`, before any stage runs, rather than run out of memory."""
+    from pipeline.data import DataError
+
+    need = 4 * sum(len(s) * int(np.prod(s.images.shape[1:])) for s in (train, evalset))
+    limit = stage.pixels_max_gib * 2**30
+    if need > limit:
+        raise DataError(
+            f"stage '{stage.name}': the raw-pixel baseline (input: pixels) would hold {len(train) + len(evalset)} "
+            f"images ({len(train)} train + {len(evalset)} evaluation) as float32 features: {need / 2**30:.3g} GiB "
+            f"({need} bytes), over its limit pixels_max_gib: {stage.pixels_max_gib:g} GiB. Evaluate a backbone "
+            "input instead, or subsample the splits with data.train_subset / data.eval_subset"
+        )
+
+
+def embed_with(model, meta: dict, images, batch_size: int, **options) -> np.ndarray:
+    """Embeddings of `images` by a loaded artifact's module, preprocessed as its metadata `meta` says;
+    `options` go to pretext.embeddings.embed_images (device, precision)."""
     from pretext.embeddings import embed_images
+
+    return embed_images(model, images, input_size=meta["input_size"], mean=meta["mean"], std=meta["std"],
+                        in_chans=meta["in_chans"], input_transform=meta.get("input_transform", "rgb"),
+                        batch_size=batch_size, **options)
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")  # never imported means not running: not worth importing Ray to ask
+    return ray is not None and ray.is_initialized()
+
+
+def backbone_features(artifact: Path, images, batch_size: int, *, bare: bool = False,
+                      out_path: Path | None = None) -> np.ndarray:
+    """Embeddings of `images` by the artifact's exported module, or by its backbone alone with `bare`.
+
+    Images that are not an in-memory array (the streamed backend's array-like, whose rows are read from
+    files) are embedded on the Ray cluster when Ray is running (:mod:`pipeline.cluster_embed`: one actor per
+    GPU, else one per 4 CPUs), into a .npy memory map at `out_path` (a temporary file, removed once mapped,
+    when None). An np.ndarray, np.memmap included, is embedded in this process, as is everything without Ray.
+    """
     from pipeline.backbones import load_backbone
 
+    if not isinstance(images, np.ndarray) and _ray_running():
+        import ray
+
+        from pipeline.cluster_embed import embed_on_cluster
+
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        options = dict(batch_size=batch_size, bare=bare, use_gpu=gpus > 0,
+                       concurrency=gpus or max(1, int(resources.get("CPU", 1)) // 4))
+        if out_path is not None:
+            return embed_on_cluster(artifact, images, out_path=out_path, **options)
+        with tempfile.TemporaryDirectory() as scratch:  # the memory map outlives its removed file
+            return embed_on_cluster(artifact, images, out_path=Path(scratch) / "embeddings.npy", **options)
     model, meta = load_backbone(artifact, with_meta=True, bare=bare)
-    return embed_images(
-        model,
-        images,
-        input_size=meta["input_size"],
-        mean=meta["mean"],
-        std=meta["std"],
-        in_chans=meta["in_chans"],
-        input_transform=meta.get("input_transform", "rgb"),
-        batch_size=batch_size,
-    )
+    return embed_with(model, meta, images, batch_size)
 
 
 def identity_rule(a: ImageSet, b: ImageSet) -> str:
@@ -82,9 +132,10 @@ def quick_evaluate(artifact: Path, train: ImageSet, evalset: ImageSet, *, k: int
 
 
 def _retrieval(stage: EvaluateStage, train_x: np.ndarray, train: ImageSet, eval_x: np.ndarray,
-               evalset: ImageSet, log: Callable[[str], None]) -> dict[str, float]:
+               evalset: ImageSet, seed: int, log: Callable[[str], None]) -> dict[str, float]:
     """Retrieval metrics of the evaluation split: leave-one-out, or eval queries against the train split;
-    either way without the query's own image in the gallery (:func:`self_matches`)."""
+    either way without the query's own image in the gallery (:func:`self_matches`). Past the exact limit,
+    a `seed`ed sample of queries and a capped depth (see downstream.retrieval.retrieval_metrics)."""
     from downstream.retrieval import relevant_counts, retrieval_metrics
 
     name = stage.name
@@ -103,13 +154,20 @@ def _retrieval(stage: EvaluateStage, train_x: np.ndarray, train: ImageSet, eval_
         eval_x, evalset.labels, ks=stage.recall_at, metric=distance,
         gallery_features=train_x if gallery == "train" else eval_x, gallery_labels=g_set.labels,
         train_features=train_x, shrinkage=stage.mahalanobis_shrinkage, exclude=exclude,
+        max_queries=stage.retrieval_max_queries, max_depth=stage.retrieval_max_depth, seed=seed,
     )
     log(f"[{name}] retrieval: {exclude.total} query-gallery pairs left out as the same image "
         f"(rule: same {rule})")
     recalls = sorted((k for k in metrics if k.startswith("recall_at_")), key=lambda k: int(k.rsplit("_", 1)[1]))
-    shown = recalls + ["r_precision", "map_at_r", "map"]
+    shown = [k for k in recalls + ["r_precision", "map_at_r", "r_precision_capped", "map_at_r_capped", "map"]
+             if k in metrics]
+    bounds = ""
+    if "retrieval_sampled_queries" in metrics:
+        bounds += f" of a seeded sample of {int(metrics['retrieval_sampled_queries'])} of {len(eval_x)}"
+    if "retrieval_depth_cap" in metrics:
+        bounds += f", R capped at depth {int(metrics['retrieval_depth_cap'])}"
     log(f"[{name}] retrieval ({distance}, gallery: {'leave-one-out' if gallery == 'eval' else 'train split'}, "
-        f"{int(metrics['retrieval_queries'])} queries): " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown))
+        f"{int(metrics['retrieval_queries'])} queries{bounds}): " + "  ".join(f"{k} {metrics[k]:.4f}" for k in shown))
     return metrics
 
 
@@ -156,13 +214,15 @@ def evaluate(
 
     t0 = time.time()
     if artifact is None:
+        check_pixel_budget(stage, train, evalset)
         train_x, eval_x = pixel_features(train.images), pixel_features(evalset.images)
     else:
         bare = stage.features == "backbone"
         if bare:
             log(f"[{name}] features: the backbone's pooled features alone (an embedding head, if any, left out)")
         train_x = backbone_features(artifact, train.images, stage.batch_size, bare=bare)
-        eval_x = backbone_features(artifact, evalset.images, stage.batch_size, bare=bare)
+        eval_x = backbone_features(artifact, evalset.images, stage.batch_size, bare=bare,
+                                   out_path=out_dir / "embeddings.npy")
     metrics["embed_time_s"] = time.time() - t0
     log(f"[{name}] embedded {len(train_x)} + {len(eval_x)} images ({eval_x.shape[1]}-d) in {metrics['embed_time_s']:.1f}s")
 
@@ -187,7 +247,7 @@ def evaluate(
 
     if stage.retrieval and evalset.labels is not None:
         t0 = time.time()
-        metrics.update(_retrieval(stage, train_x, train, eval_x, evalset, log))
+        metrics.update(_retrieval(stage, train_x, train, eval_x, evalset, seed, log))
         metrics["retrieval_time_s"] = time.time() - t0
         if "retrieval_excluded_matches" in metrics:
             gallery_set = train if stage.retrieval_gallery == "train" else evalset
@@ -241,7 +301,8 @@ def evaluate(
     pages = cluster_pages(evalset.images, km.assignments, km.distances, out_dir / "clusters", clusters=range(k),
                           per_page=stage.cluster_page_images, class_names=class_names)
     artifacts["clusters"] = str(out_dir / "clusters")
-    np.save(out_dir / "embeddings.npy", eval_x)
+    if not isinstance(eval_x, np.memmap):  # embedded on the cluster straight into that file
+        np.save(out_dir / "embeddings.npy", eval_x)
     artifacts["embeddings"] = str(out_dir / "embeddings.npy")
     np.save(out_dir / "centroids.npy", km.centroids)
     artifacts["centroids"] = str(out_dir / "centroids.npy")

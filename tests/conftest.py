@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +234,8 @@ def ray_session():
     # that every actor inherits it; real epochs last far longer than either interval.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback test node; the driver and the CLIs must match it
+    # Ray Data's usage poller asks a Prometheus server that a test node has not (a traceback at exit)
+    os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
     env = {**os.environ, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.pop("RAY_ADDRESS", None)
     address, _, stop = start_ray_head(env, num_cpus=2, system_config=LEAN_LOCAL_RAY)
@@ -249,6 +252,57 @@ def sslpipe_cmd():
     """The console script of this environment (falls back to `python -m pipeline.cli`)."""
     script = Path(sys.executable).with_name("sslpipe")
     return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+
+
+def backbone_artifact(folder: Path, name: str = "resnet18") -> Path:
+    """A randomly initialised backbone saved as an artifact (16 px input, 3 channels) under `folder`."""
+    from pipeline.backbones import build_backbone, save_backbone
+
+    model, dim = build_backbone(name, small_image_stem=True, stem_stride=2)
+    return save_backbone(folder / f"artifact-{name}", model, name=name, small_image_stem=True, stem_stride=2,
+                         in_chans=3, kwargs={}, feature_dim=dim, input_size=16, mean=[0.5] * 3, std=[0.2] * 3)
+
+
+class MmapImages:
+    """A stand-in for the streamed data backend's images (pipeline/pixel_cache.py ShardedImages): a read-only
+    array-like, not an np.ndarray, over a .npy file opened as a memory map. ``shape``, ``dtype``, ``ndim``,
+    ``len()``; indexing by an int, a slice or a 1-D int array returns a real ndarray of those rows only.
+
+    ``rows_read`` counts the rows returned (in this process); a read of more than ``max_rows`` rows at once
+    raises, so a test can prove that code never loads the whole set. Pickles as its path (what crosses to Ray
+    actors), like a reader of files on shared storage."""
+
+    def __init__(self, path, max_rows: int | None = None):
+        self.path, self.max_rows = str(path), max_rows
+        self._rows = np.load(self.path, mmap_mode="r")
+        self.shape, self.dtype, self.ndim = self._rows.shape, self._rows.dtype, self._rows.ndim
+        self.rows_read = 0
+
+    @classmethod
+    def save(cls, path, images, max_rows: int | None = None) -> "MmapImages":
+        np.save(path, images)
+        return cls(path, max_rows)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __reduce__(self):
+        return type(self), (self.path, self.max_rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            count = 1
+        elif isinstance(index, slice):
+            count = len(range(*index.indices(len(self))))
+        else:
+            index = np.asarray(index)
+            if index.ndim != 1 or not (index.dtype.kind in "iu" or index.size == 0):
+                raise TypeError(f"MmapImages: index by an int, a slice or a 1-D int array, got {index!r}")
+            index, count = index.astype(np.int64), index.size
+        if self.max_rows is not None and count > self.max_rows:
+            raise AssertionError(f"MmapImages: a read of {count} rows, more than the bound {self.max_rows}")
+        self.rows_read += count
+        return np.array(self._rows[index])
 
 
 def require_fashion_mnist():

@@ -9,6 +9,7 @@
 | empty folder, missing path, all files bad     | exit 2, message names the path           | RUN_CASES      |
 | YAML syntax error, missing config file        | exit 2, line/column or path              | RUN_CASES      |
 | unknown method, misspelled key                | exit 2, key path and a suggestion        | RUN_CASES      |
+| pixels baseline over pixels_max_gib           | exit 2, images, bytes, limit, what to do | test_pixels_   |
 | artifact of another architecture, as init too | BackboneError naming the architecture    | test_backbone_ |
 | corrupted / truncated safetensors             | BackboneError "corrupted or unreadable"  | test_backbone_ |
 | unsafe deserialisation in the code base       | none: torch.load(weights_only=True), yaml.safe_load, no pickle.load | test_no_unsafe_ |
@@ -32,6 +33,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import backbone_artifact
 from pipeline.data import DataError, load_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +197,24 @@ def test_run_cannot_start(tmp_path, capsys, case, command):
     assert not (out / "mlflow.db").exists()
 
 
+def test_pixels_baseline_over_its_memory_limit(tmp_path, capsys):
+    """input: pixels holds both splits as float32: past pixels_max_gib the run is refused before it starts,
+    with the images, the bytes, the limit and what to do instead."""
+    from pipeline.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text("data: {source: digits}\n"
+                      "stages: [{name: px, kind: evaluate, input: pixels, pixels_max_gib: 1.0e-4}]\n")
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert re.search(r"stage 'px': the raw-pixel baseline .* would hold \d+ images .* \(\d+ bytes\), over its limit "
+                     r"pixels_max_gib: 0.0001 GiB\. Evaluate a backbone input instead, or subsample the splits with "
+                     r"data.train_subset / data.eval_subset", err, re.S), err
+    assert not (out / "mlflow.db").exists()
+
+
 def test_missing_config_file(tmp_path, capsys):
     from pipeline.cli import main
 
@@ -206,14 +226,6 @@ def test_missing_config_file(tmp_path, capsys):
 # backbone artifacts
 
 
-def _artifact(tmp_path: Path, name: str = "resnet18"):
-    from pipeline.backbones import build_backbone, save_backbone
-
-    model, dim = build_backbone(name, small_image_stem=True, stem_stride=2)
-    return save_backbone(tmp_path / f"artifact-{name}", model, name=name, small_image_stem=True, stem_stride=2,
-                         in_chans=3, kwargs={}, feature_dim=dim, input_size=16, mean=[0.5] * 3, std=[0.2] * 3)
-
-
 def test_backbone_weights_of_another_architecture(tmp_path):
     """backbone.json says resnet18, the weights are a resnet34's: loading and stage init both refuse."""
     import torch
@@ -221,7 +233,7 @@ def test_backbone_weights_of_another_architecture(tmp_path):
     from pipeline.backbones import BackboneError, load_backbone
     from pipeline.trainer import TrainJob, build_stage_method
 
-    r18, r34 = _artifact(tmp_path, "resnet18"), _artifact(tmp_path, "resnet34")
+    r18, r34 = backbone_artifact(tmp_path, "resnet18"), backbone_artifact(tmp_path, "resnet34")
     (r18 / "model.safetensors").write_bytes((r34 / "model.safetensors").read_bytes())
     with pytest.raises(BackboneError, match=r"does not match architecture 'resnet18'"):
         load_backbone(r18)
@@ -242,7 +254,7 @@ def test_backbone_weights_of_another_architecture(tmp_path):
 def test_backbone_corrupted_safetensors(tmp_path, damage):
     from pipeline.backbones import BackboneError, load_backbone
 
-    path = _artifact(tmp_path)
+    path = backbone_artifact(tmp_path)
     weights = path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x07garbage" * 64, "empty": b""}[damage])
@@ -253,7 +265,7 @@ def test_backbone_corrupted_safetensors(tmp_path, damage):
 def test_backbone_unreadable_metadata(tmp_path):
     from pipeline.backbones import BackboneError, load_backbone
 
-    path = _artifact(tmp_path)
+    path = backbone_artifact(tmp_path)
     (path / "backbone.json").write_text("{not json")
     with pytest.raises(BackboneError, match=r"unreadable metadata"):
         load_backbone(path)

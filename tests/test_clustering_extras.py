@@ -119,3 +119,32 @@ def test_html_report_links_existing_files_and_shows_values(tmp_path):
 def test_format_value():
     assert format_value(3.0) == "3" and format_value(0.5) == "0.5000" and format_value(2) == "2"
     assert format_value(float("nan")) == "nan"
+
+
+def test_cluster_figures_read_only_the_rows_they_show(tmp_path):
+    """Images that live on disk (the streamed backend's array-like) are read row by row as shown: no read of
+    more than one cluster's tiles, as many rows in all as tiles, and the same figures as from an ndarray."""
+    from conftest import MmapImages
+
+    from clustering import cluster_grid
+
+    n = 500
+    rng = np.random.default_rng(1)
+    pixels = _images(n)
+    images = MmapImages.save(tmp_path / "images.npy", pixels, max_rows=7)
+    assignments = np.arange(n) % 5  # cluster 5 is empty
+    distances = rng.random(n)
+    names = [str(i % 3) for i in range(n)]
+    grid = cluster_grid(images, assignments, distances, tmp_path / "grid.png", per_cluster=4, clusters=range(6),
+                        class_names=names)
+    assert images.rows_read == 5 * 4
+    images.rows_read = 0
+    pages = cluster_pages(images, assignments, distances, tmp_path / "pages", clusters=range(6), per_page=7,
+                          class_names=names)
+    assert images.rows_read == 5 * 7
+    same_grid = cluster_grid(pixels, assignments, distances, tmp_path / "grid-array.png", per_cluster=4,
+                             clusters=range(6), class_names=names)
+    same_pages = cluster_pages(pixels, assignments, distances, tmp_path / "pages-array", clusters=range(6),
+                               per_page=7, class_names=names)
+    for a, b in zip([grid, *pages], [same_grid, *same_pages]):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))

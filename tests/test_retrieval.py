@@ -205,3 +205,85 @@ def test_faiss_search_gives_the_same_metrics_as_the_full_ranking_on_large_galler
     exact = retrieval_metrics(x, labels, gallery_features=gallery, gallery_labels=labels[:200])
     searched = retrieval_metrics(x, labels, gallery_features=gallery, gallery_labels=labels[:200], exact_max=10)
     assert searched["map_at_r"] == pytest.approx(exact["map_at_r"], abs=1e-9)
+
+
+def _clustered(n: int, classes: int = 10, dim: int = 16, noise: float = 1.2, seed: int = 5):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n)
+    x = rng.normal(size=(classes, dim))[labels] + noise * rng.normal(size=(n, dim))
+    return x.astype(np.float32), labels
+
+
+def test_sampled_queries_estimate_the_exact_metrics_and_are_seeded():
+    """Past `exact_max`, `max_queries` scores a seeded sample of queries against the whole gallery. Each
+    per-query value lies in [0, 1] (standard deviation <= 0.5), so the mean of 1000 of 3000 queries drawn
+    without replacement has a standard error <= 0.5 / sqrt(1000) * sqrt(2000 / 2999) = 0.013: 0.04 is three of
+    them. The depth (10,000) is above every R (~300): nothing is capped, the exact names stay."""
+    x, y = _clustered(3000)
+    exact = retrieval_metrics(x, y, ks=(1, 4))
+    sampled = retrieval_metrics(x, y, ks=(1, 4), exact_max=100, max_queries=1000, max_depth=10_000, seed=0)
+    assert sampled["retrieval_sampled_queries"] == 1000 and sampled["retrieval_queries"] == 1000
+    assert "retrieval_depth_cap" not in sampled and "map" not in sampled
+    assert 0.2 < exact["map_at_r"] < 0.9  # neither trivial nor hopeless: the comparison means something
+    for key in ("recall_at_1", "recall_at_4", "r_precision", "map_at_r"):
+        assert sampled[key] == pytest.approx(exact[key], abs=0.04), key
+    again = retrieval_metrics(x, y, ks=(1, 4), exact_max=100, max_queries=1000, max_depth=10_000, seed=0)
+    assert again == sampled
+    other = retrieval_metrics(x, y, ks=(1, 4), exact_max=100, max_queries=1000, max_depth=10_000, seed=1)
+    assert other["map_at_r"] != sampled["map_at_r"]
+    # below the exact limit neither bound applies
+    assert retrieval_metrics(x, y, ks=(1, 4), max_queries=10, max_depth=5) == exact
+
+
+def test_capped_depth_reports_map_at_r_with_r_capped_under_its_own_name():
+    """A depth below R gives R-precision and MAP@R with R = min(R, depth): the same values as the full
+    ranking scored that way, under the names *_capped only; Recall@K (depth >= K) is unchanged."""
+    from downstream.exclusion import Exclusion
+
+    x, y = _clustered(1500)
+    exact = retrieval_metrics(x, y, ks=(1, 4))
+    capped = retrieval_metrics(x, y, ks=(1, 4), exact_max=100, max_depth=50)
+    assert capped["retrieval_depth_cap"] == 50
+    assert not {"map_at_r", "r_precision", "map", "retrieval_sampled_queries"} & capped.keys()
+    r = relevant_counts(y, y, leave_one_out=False, exclude=Exclusion.self_rows(len(y)))
+    sums = {}
+    for rows, ranking in ranked_gallery(x, exclude=Exclusion.self_rows(len(y))):
+        relevant = (y[np.maximum(ranking, 0)] == y[rows][:, None]) & (ranking >= 0)
+        for name, values in ranking_metrics(relevant, np.minimum(r[rows], 50), (1, 4)).items():
+            sums[name] = sums.get(name, 0.0) + values.sum()
+    assert capped["map_at_r_capped"] == pytest.approx(sums["map_at_r"] / len(y), abs=1e-9)
+    assert capped["r_precision_capped"] == pytest.approx(sums["r_precision"] / len(y), abs=1e-9)
+    assert capped["map_at_r_capped"] != pytest.approx(exact["map_at_r"], abs=0.01)  # another metric
+    for key in ("recall_at_1", "recall_at_4"):
+        assert capped[key] == pytest.approx(exact[key], abs=1e-9)
+
+
+def test_sampled_queries_never_retrieve_themselves():
+    """Every image shares its label with one other, far away: a query that found itself would score
+    Recall@1 = 1. Sampled queries keep their exclusion rows (given, or their own row in leave-one-out)."""
+    from downstream.exclusion import Exclusion
+    from downstream.retrieval import faiss_ranked_gallery
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 16)).astype(np.float32)
+    y = np.arange(600) // 2
+    same = Exclusion.by_key(np.arange(600), np.arange(600))
+    for exclude in (same, None):
+        m = retrieval_metrics(x, y, gallery_features=x if exclude else None, gallery_labels=y if exclude else None,
+                              exclude=exclude, exact_max=10, max_queries=100, max_depth=5)
+        assert m["retrieval_sampled_queries"] == 100 and m["recall_at_1"] < 0.05, m
+    assert m.get("retrieval_excluded_matches") is None
+    sample = np.sort(rng.choice(600, 100, replace=False))
+    for rows, found in faiss_ranked_gallery(x[sample], x, depth=5, exclude=same.subset(sample)):
+        assert not (found == sample[rows][:, None]).any()
+        assert (found >= 0).all()
+
+
+def test_exclusion_subset_keeps_each_query_row():
+    from downstream.exclusion import Exclusion
+
+    lists = [[3], [], [0, 2], [1, 3, 4]]
+    sub = Exclusion.from_lists(lists, 5).subset([3, 1, 2])
+    want = Exclusion.from_lists([lists[3], lists[1], lists[2]], 5)
+    assert sub.n_queries == 3 and sub.n_bank == 5
+    assert sub.indptr.tolist() == want.indptr.tolist() and sub.indices.tolist() == want.indices.tolist()

@@ -15,6 +15,13 @@ from pipeline.stages.base import Executor, StageResult, StageRun
 
 
 class EvaluateExecutor(Executor):
+    def check(self, ctx: RunContext, stage: EvaluateStage) -> None:
+        """A raw-pixel baseline too large for memory is refused before any stage runs."""
+        from pipeline.evaluate import check_pixel_budget
+
+        if stage.input == "pixels":
+            check_pixel_budget(stage, ctx.train, ctx.evalset)
+
     def run(self, ctx: RunContext, stage: EvaluateStage, run: StageRun) -> StageResult:
         from pipeline.evaluate import evaluate
 
