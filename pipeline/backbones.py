@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from torch import nn
 
 from pipeline.store import move_dir_into_place
@@ -187,3 +188,13 @@ def load_backbone(directory: str | os.PathLike, *, with_meta: bool = False, bare
     module = model if bare else module
     module.eval()
     return (module, meta) if with_meta else module
+
+
+def embed_with(model, meta: dict, images, batch_size: int, **options) -> np.ndarray:
+    """Embeddings of `images` by a loaded artifact's module, preprocessed as its metadata `meta` says;
+    `options` go to pretext.embeddings.embed_images (device, precision)."""
+    from pretext.embeddings import embed_images
+
+    return embed_images(model, images, input_size=meta["input_size"], mean=meta["mean"], std=meta["std"],
+                        in_chans=meta["in_chans"], input_transform=meta.get("input_transform", "rgb"),
+                        batch_size=batch_size, **options)

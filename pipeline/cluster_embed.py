@@ -3,7 +3,7 @@
 The streamed data backend hands evaluation an array-like that reads its rows from files on shared storage
 (pipeline.pixel_cache.ShardedImages), not pixels in memory. The dataset here holds row ids only; an actor pool
 embeds them, each actor loading the backbone artifact once and reading just the rows of its batch, with the
-same preprocessing as in-process embedding (:func:`pipeline.evaluate.embed_with`). The driver writes each
+same preprocessing as in-process embedding (:func:`pipeline.backbones.embed_with`). The driver writes each
 (row id, embedding) into a .npy memory map by row id, so it never holds pixels, and the order in which Ray
 Data returns blocks does not matter.
 """
@@ -27,7 +27,7 @@ class _Embedder:
         self.device, self.precision = ("cuda", "bf16") if use_gpu else ("cpu", "fp32")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipeline.evaluate import embed_with
+        from pipeline.backbones import embed_with
 
         rows = np.asarray(batch["id"], dtype=np.int64)
         features = embed_with(self.model, self.meta, self.images[rows], self.batch_size, device=self.device,

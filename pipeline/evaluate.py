@@ -53,16 +53,6 @@ def check_pixel_budget(stage: EvaluateStage, train: ImageSet, evalset: ImageSet)
         )
 
 
-def embed_with(model, meta: dict, images, batch_size: int, **options) -> np.ndarray:
-    """Embeddings of `images` by a loaded artifact's module, preprocessed as its metadata `meta` says;
-    `options` go to pretext.embeddings.embed_images (device, precision)."""
-    from pretext.embeddings import embed_images
-
-    return embed_images(model, images, input_size=meta["input_size"], mean=meta["mean"], std=meta["std"],
-                        in_chans=meta["in_chans"], input_transform=meta.get("input_transform", "rgb"),
-                        batch_size=batch_size, **options)
-
-
 def _ray_running() -> bool:
     ray = sys.modules.get("ray")  # never imported means not running: not worth importing Ray to ask
     return ray is not None and ray.is_initialized()
@@ -77,7 +67,7 @@ def backbone_features(artifact: Path, images, batch_size: int, *, bare: bool = F
     GPU, else one per 4 CPUs), into a .npy memory map at `out_path` (a temporary file, removed once mapped,
     when None). An np.ndarray, np.memmap included, is embedded in this process, as is everything without Ray.
     """
-    from pipeline.backbones import load_backbone
+    from pipeline.backbones import embed_with, load_backbone
 
     if not isinstance(images, np.ndarray) and _ray_running():
         import ray

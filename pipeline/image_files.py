@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.data import IMAGE_EXTENSIONS, DataError, ImageSet
+from pipeline.images import IMAGE_EXTENSIONS, DataError, ImageSet
 
 DEFAULT_FOLDER_IMAGE_SIZE = 64
 DECODER_VERSION = 1  # bump when decode_file's output changes: it is part of the pixel cache's key

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.data import DataError, ImageSet, PixelMoments, row_digest
+from pipeline.images import DataError, ImageSet, PixelMoments, row_digest
 from pipeline.image_files import DECODER_VERSION, Listing, decode_file, pil_limits
 
 CACHE_FORMAT = 1

@@ -34,7 +34,7 @@ import pytest
 from PIL import Image
 
 from conftest import backbone_artifact
-from pipeline.data import DataError, load_images
+from pipeline.data import load_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("pipeline", "pretext", "downstream", "clustering", "bench")

@@ -26,7 +26,7 @@ class FinetuneExecutor(TrainingExecutor):
 
     def run(self, ctx: RunContext, stage: FinetuneStage, run: StageRun) -> StageResult:
         from downstream.finetune import stratified_fraction
-        from pipeline.data import take_rows
+        from pipeline.images import take_rows
         from pipeline.classifier import classifier_accuracy, write_classifier
 
         class_ids, targets = np.unique(ctx.train.labels, return_inverse=True)
