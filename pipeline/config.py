@@ -66,7 +66,7 @@ class DataConfig(Strict):
         "folders when the top level holds only sub-folders with images (auto); a manifest's label column")
     backend: Literal["auto", "memory", "stream"] = execution_only(
         "auto", description="folder/manifest: decode on the driver into memory, or into a pixel cache built by "
-        "Ray Data and memory-mapped by every worker (stream); auto picks stream above memory_limit_gb")
+        "Ray Data that every worker reads rows from (stream); auto picks stream above memory_limit_gb")
     memory_limit_gb: float = execution_only(2.0, gt=0.0, description="auto: the decoded size (N x 3 x S^2 bytes) "
                                             "above which a split is streamed")
     cache_dir: str | None = execution_only(

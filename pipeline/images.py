@@ -77,7 +77,7 @@ def take_rows(images, idx: np.ndarray):
 class ImageSet:
     """A loaded split: uint8 pixels (N, C, H, W) plus optional labels, ids and provenance.
 
-    `images` is an in-memory numpy array (the `memory` backend) or the stream backend's memory-mapped pixel
+    `images` is an in-memory numpy array (the `memory` backend) or the stream backend's on-disk pixel
     cache (pipeline.pixel_cache.ShardedImages), which indexes like one and reads only the rows asked for.
     """
 

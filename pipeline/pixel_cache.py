@@ -1,4 +1,4 @@
-"""The `stream` backend: a pixel cache decoded by Ray Data across the cluster and memory-mapped by every reader.
+"""The `stream` backend: a pixel cache decoded by Ray Data across the cluster, read row by row by every reader.
 
 One pass of Ray Data tasks decodes the listed files (pipeline.image_files.decode_file: the `memory` backend's
 decoder, skip reasons included) into fixed-size uint8 ``.npy`` shards, one shard per block of rows, and
@@ -12,7 +12,7 @@ decoder version, so a rerun costs one listing pass; a `touch` rebuilds the cache
 is made of the stored pixel digests and stays the same, so trained stages are reused.
 
 Readers get :class:`ShardedImages`: it indexes like a uint8 (N, C, H, W) array, reads only the rows asked
-for from the memory-mapped shards, and pickles as a few small arrays, so Ray workers open the shards
+for from the shards, and pickles as a few small arrays, so Ray workers open the shards
 themselves (the cache folder must be on a path every node can read: local disk on one machine, a shared
 file system on a cluster) instead of receiving pixels through the object store.
 """
@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,10 +41,16 @@ KILL_DECODE = "SSLPIPE_TEST_KILL_DECODE"  # tests: a decode task exits its worke
 
 
 class ShardedImages:
-    """Read-only uint8 (N, C, H, W) rows spread over ``.npy`` shards; memory-mapped on first use per process."""
+    """Read-only uint8 (N, C, H, W) rows spread over ``.npy`` shards, read on demand with positioned reads.
+
+    Not memory-mapped on purpose: pages of a mapping that a worker touches count as its resident memory,
+    which would grow with the data set over an epoch; `pread` leaves them in the kernel's page cache only.
+    Consecutive rows of a shard are read in one call. Pickles without its open files.
+    """
 
     ndim = 4
     dtype = np.dtype(np.uint8)
+    MAX_OPEN_FILES = 128
 
     def __init__(self, root: str, shard_files: list[str], shard: np.ndarray, offset: np.ndarray,
                  image_shape: tuple[int, int, int]):
@@ -52,7 +59,7 @@ class ShardedImages:
         self.shard = np.asarray(shard, dtype=np.int32)
         self.offset = np.asarray(offset, dtype=np.int32)
         self.image_shape = tuple(int(v) for v in image_shape)
-        self._maps: dict[int, np.ndarray] = {}
+        self._files: OrderedDict[int, tuple[int, int]] = OrderedDict()  # shard -> (fd, data offset)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -62,30 +69,64 @@ class ShardedImages:
         return len(self.shard)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": {}}  # each process maps the shards itself
+        return {**self.__dict__, "_files": OrderedDict()}  # each process opens the shards itself
 
-    def _map(self, shard: int) -> np.ndarray:
-        if shard not in self._maps:
-            self._maps[shard] = np.load(os.path.join(self.root, self.shard_files[shard]), mmap_mode="r")
-        return self._maps[shard]
+    def __del__(self) -> None:
+        for fd, _ in getattr(self, "_files", {}).values():
+            os.close(fd)
+
+    def _file(self, shard: int) -> tuple[int, int]:
+        """(descriptor, byte offset of row 0) of a shard; at most MAX_OPEN_FILES stay open."""
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        path = os.path.join(self.root, self.shard_files[shard])
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f)
+            start = f.tell()
+        if tuple(shape[1:]) != self.image_shape or dtype != np.uint8:
+            raise ValueError(f"pixel cache shard {path} holds {dtype} {shape}, expected uint8 rows of {self.image_shape}")
+        self._files[shard] = (os.open(path, os.O_RDONLY), start)
+        if len(self._files) > self.MAX_OPEN_FILES:
+            os.close(self._files.popitem(last=False)[1][0])
+        return self._files[shard]
+
+    def _read(self, out: np.ndarray, shards: np.ndarray, offsets: np.ndarray) -> None:
+        row_bytes = int(np.prod(self.image_shape))
+        flat = out.reshape(len(out), row_bytes)
+        order = np.lexsort((offsets, shards))
+        s, o = shards[order], offsets[order]
+        # runs of consecutive rows in one shard: one read each
+        breaks = np.flatnonzero((np.diff(s) != 0) | (np.diff(o) != 1)) + 1
+        for run in np.split(np.arange(len(order)), breaks):
+            if not len(run):
+                continue
+            fd, start = self._file(int(s[run[0]]))
+            data = os.pread(fd, row_bytes * len(run), start + int(o[run[0]]) * row_bytes)
+            if len(data) != row_bytes * len(run):
+                raise OSError(f"pixel cache shard {self.shard_files[int(s[run[0]])]} is truncated")
+            flat[order[run]] = np.frombuffer(data, dtype=np.uint8).reshape(len(run), row_bytes)
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, (int, np.integer)):
             i = int(key) + (len(self) if key < 0 else 0)
             if not 0 <= i < len(self):
                 raise IndexError(f"row {key} out of range for {len(self)} images")
-            return np.array(self._map(int(self.shard[i]))[self.offset[i]])
+            return self[np.array([i])][0]
         if isinstance(key, slice):
             key = np.arange(*key.indices(len(self)))
         idx = np.asarray(key)
         if idx.dtype == bool:
             idx = np.flatnonzero(idx)
         idx = idx.astype(np.int64, copy=False).reshape(-1)
+        if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"rows out of range for {len(self)} images")
         out = np.empty((len(idx), *self.image_shape), dtype=np.uint8)
-        shards, offsets = self.shard[idx], self.offset[idx]
-        for s in np.unique(shards):
-            rows = shards == s
-            out[rows] = self._map(int(s))[offsets[rows]]
+        if len(idx):
+            self._read(out, self.shard[idx], self.offset[idx])
         return out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -231,7 +272,7 @@ def build(listing: Listing, *, size: int, max_pixels: int, directory: Path, log:
 
 
 def open_cache(directory: Path, *, source: str, split: str) -> ImageSet:
-    """An ImageSet over a complete cache: pixels memory-mapped, digests and moments as stored."""
+    """An ImageSet over a complete cache: pixels read on demand, digests and moments as stored."""
     import pyarrow.parquet as pq
 
     meta = json.loads((directory / META_FILE).read_text())

@@ -329,7 +329,7 @@ class Worker:
     rank: int
     world: int
     device: torch.device
-    images: Any  # read-only uint8 (N, C, H, W): from the object store, or memory-mapped from the pixel cache
+    images: Any  # read-only uint8 (N, C, H, W): from the object store, or read on demand from the pixel cache
     labels: np.ndarray | None
     model: torch.nn.Module  # DDP-wrapped when world > 1
     method: Any  # the unwrapped method
