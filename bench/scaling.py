@@ -224,6 +224,8 @@ def digest_run(raw: dict, out: Path, n: int, size: int, backend: str) -> dict:
     before_eval = [s for t, s in samples if eval_start is None or t - start < eval_start] or [{}]
     builds = [float(m.group(1)) for _, text in lines if (m := CACHE_BUILT.search(text))]
     workers = list(raw["workers"].values())
+    if not workers:
+        raise RuntimeError(f"no Ray Train worker process was seen under the driver of {out}: worker memory unknown")
     row = {
         "backend": backend, "n": n, "wall_s": raw["wall"],
         "data_load_s": _first(lines, DATA_LOADED),
