@@ -121,3 +121,24 @@ def test_committed_results_file_is_well_formed():
             continue
         source = script.read_text()
         assert not re.search(r"def write_section", source), script.name
+
+
+def test_scaling_verdicts_from_rows():
+    """bench/scaling.py's pass lines come from the numbers: flat stream memory, stream >= 0.9x memory images/s,
+    a cached stream rerun within 60 s with every stage reused (no Ray, no run)."""
+    from bench.scaling import verdicts
+
+    def row(backend, n, mem, ips, rerun):
+        return {"backend": backend, "n": n, "driver_hwm_mb": mem, "driver_anon_mb": mem, "worker_rss_mb": mem,
+                "worker_anon_mb": mem, "images_per_sec": ips, "rerun_s": rerun, "rerun_all_reused": True}
+
+    rows = [row("memory", 10, 100, 50, 5), row("memory", 30, 200, 50, 9), row("memory", 100, 900, 50, 70),
+            row("stream", 10, 100, 46, 5), row("stream", 30, 104, 46, 6), row("stream", 100, 109, 46, 59)]
+    lines = verdicts(rows, throughput_n=30, rerun_n=100)
+    assert len(lines) == 6 and all("**pass**" in line for line in lines), lines
+    rows[-1].update(worker_anon_mb=111, rerun_s=61)
+    rows[-2].update(images_per_sec=44)
+    lines = verdicts(rows, throughput_n=30, rerun_n=100)
+    assert [("FAIL" in line) for line in lines] == [False, False, False, True, True, True], lines
+    assert "not computed" in verdicts([r for r in rows if r["backend"] == "stream"], 30, 100)[0]
+    assert "not measured" in verdicts(rows, throughput_n=20, rerun_n=100)[-2]
