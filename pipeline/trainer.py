@@ -194,6 +194,11 @@ def build_stage_method(job: TrainJob, device: torch.device):
             bb["name"], small_image_stem=bb["small_image_stem"], stem_stride=bb["stem_stride"],
             in_chans=backbone_chans, kwargs=bb["kwargs"],
         )
+    extra: dict[str, Any] = {}
+    if getattr(method_class(stage["method"]), "needs_teacher", False):  # distillation: a frozen teacher, handed in
+        from pipeline.teachers import build_teacher
+
+        extra["teacher"], extra["teacher_dim"] = build_teacher(stage["settings"]["teacher"])
     method = build_method(
         stage["method"],
         backbone,
@@ -203,6 +208,7 @@ def build_stage_method(job: TrainJob, device: torch.device):
         mean=job.mean if backbone_chans == len(job.mean) else job.mean[:1] * backbone_chans,
         std=job.std if backbone_chans == len(job.std) else job.std[:1] * backbone_chans,
         channels_last=stage["channels_last"],
+        **extra,
     )
     method.to(device)
     if stage["channels_last"]:

@@ -21,6 +21,7 @@ METHODS: dict[str, str] = {
     "colorization": "pretext.colorization:Colorization",
     "moco": "pretext.moco:MoCo",
     "stml": "pretext.stml:STML",
+    "distill": "pretext.distill:Distill",
 }
 
 

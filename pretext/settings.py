@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictSettings(BaseModel):
@@ -184,6 +184,104 @@ class STMLSettings(MethodSettings):
         return self
 
 
+class TeacherSpec(StrictSettings):
+    """Where a distillation teacher comes from: a backbone artifact folder, or a timm name plus weights.
+
+    Only what can be checked without torch is checked here (which keys go together, that the files exist);
+    the pipeline builds the module (pipeline/teachers.py). Relative paths are read from the working directory.
+    """
+
+    artifact: str | None = Field(None, description="a backbone artifact folder (model.safetensors + backbone.json)")
+    name: str | None = Field(None, description="a timm model name, built with num_classes=0")
+    weights: str | None = Field(None, description="with name: a .safetensors state dict of that timm model")
+    pretrained: bool = Field(False, description="with name: timm hub weights (not supported: give weights:)")
+    random_init: bool = Field(
+        False, description="with name and no weights: a randomly initialised teacher (seeded by seed), a "
+        "baseline and a test fixture, not a way to learn anything useful",
+    )
+    seed: int = Field(0, description="random_init: the teacher's initialisation seed (the same on every worker)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="with name: extra timm.create_model kwargs")
+    input_size: int | None = Field(
+        None, ge=8, le=1024, description="side the teacher sees; default: the artifact's, or timm's pretrained_cfg"
+    )
+    mean: tuple[float, ...] | None = Field(None, description="with name: input normalization (default: timm's cfg)")
+    std: tuple[float, ...] | None = Field(None, description="with name: input normalization (default: timm's cfg)")
+
+    @field_validator("artifact")
+    @classmethod
+    def _artifact_exists(cls, value: str | None) -> str | None:
+        import os
+
+        if value is not None and not os.path.isfile(os.path.join(value, "backbone.json")):
+            raise ValueError(f"{value!r} is not a backbone artifact folder (no backbone.json there)")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: str | None) -> str | None:
+        import os
+
+        if value is not None:
+            if not value.endswith(".safetensors"):
+                raise ValueError(f"expected a .safetensors state dict, got {value!r}")
+            if not os.path.isfile(value):
+                raise ValueError(f"file not found: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherSpec":
+        if self.artifact is not None and self.name is not None:
+            raise ValueError("give either artifact: (a backbone artifact folder) or name: (a timm model with "
+                             "weights:), not both")
+        if self.artifact is None and self.name is None:
+            raise ValueError("give artifact: (a backbone artifact folder) or name: (a timm model with weights:)")
+        if self.artifact is not None:
+            named_only = [k for k in ("weights", "kwargs", "mean", "std", "pretrained", "random_init") if getattr(self, k)]
+            if named_only:
+                raise ValueError(f"{named_only[0]}: applies to a teacher given by name:, not by artifact: (an "
+                                 f"artifact carries its weights and normalization)")
+            return self
+        if self.pretrained:
+            raise ValueError("pretrained: hub weights are not supported for the teacher yet; save the state dict "
+                             "as a .safetensors file and give it as weights:")
+        if self.weights is None and not self.random_init:
+            raise ValueError("weights: a teacher given by name needs weights (a .safetensors state dict); a random "
+                             "teacher teaches nothing useful (random_init: true for a baseline)")
+        if self.weights is not None and self.random_init:
+            raise ValueError("random_init: true contradicts weights:")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean: and std: go together")
+        if self.mean is not None and (len(self.mean) != len(self.std) or any(v <= 0 for v in self.std)):
+            raise ValueError("std: one positive value per mean value")
+        return self
+
+
+class DistillAugmentSettings(AugmentSettings):
+    """Distillation's view: one crop, shown identically to teacher and student (consistent teaching), so it can be
+    strong; blur off by default (on 28-64 px images it mostly erases what the teacher would describe)."""
+
+    min_scale: float = Field(0.2, gt=0.0, le=1.0)
+    gaussian_blur: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class DistillSettings(MethodSettings):
+    """Knowledge distillation from a frozen teacher's embeddings into the student backbone (pretext/distill.py)."""
+
+    teacher: TeacherSpec
+    loss: Literal["cosine", "mse", "queue"] = Field(
+        "cosine", description="cosine: 1 - cos(projection, teacher embedding); mse: squared error to the raw "
+        "embedding (LightlyTrain v2 style); queue: cross-entropy of similarity distributions over a queue of "
+        "teacher embeddings (LightlyTrain v1 style)",
+    )
+    head_hidden_dim: int = Field(0, ge=0, description="0: a linear projection to the teacher's dimension; else an "
+                                 "MLP with one hidden layer of this size")
+    mixup: bool = Field(True, description="mix each batch with a shuffled copy of itself (lambda ~ U(0, 1)), "
+                        "the same mixed image for teacher and student")
+    temperature: float = Field(0.07, gt=0.0, le=10.0, description="loss: queue, both distributions")
+    queue_size: int = Field(4096, ge=1, description="loss: queue, teacher embeddings kept (global batches)")
+    augment: DistillAugmentSettings = DistillAugmentSettings()
+
+
 # name -> settings model; the matching module and class are in pretext/__init__.py (METHODS).
 METHOD_SETTINGS: dict[str, type[MethodSettings]] = {
     "simclr": SimCLRSettings,
@@ -192,4 +290,5 @@ METHOD_SETTINGS: dict[str, type[MethodSettings]] = {
     "colorization": ColorizationSettings,
     "moco": MoCoSettings,
     "stml": STMLSettings,
+    "distill": DistillSettings,
 }

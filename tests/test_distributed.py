@@ -5,6 +5,7 @@
   - every rank's random state goes into the checkpoint that rank 0 alone writes, and each rank gets its own back;
   - SimCLR's gathered negatives and MoCo's rank-offset labels (shuffled BN on or off) give, with the global
     batch split over 2 processes, the loss and the DDP-averaged gradients of 1 process on the whole batch;
+  - distillation's frozen teacher stays out of DDP (no parameters, no gradients) with the same result;
   - MoCo's shuffled BN: a rank's keys get their batch statistics from the images the shared permutation sent to
     that rank (not its own), and come back to the right query.
 
@@ -169,6 +170,14 @@ def _method(name: str, settings: dict, backbone=ConvNoBN):
     from pretext import build_method
 
     torch.manual_seed(0)  # the same initial weights in every process
+    if name == "distill":
+        from pretext.distill import Teacher
+
+        # the spec in the settings is only validated; the teacher handed in is a small conv net of its own
+        teacher = Teacher(ConvBN(), input_size=16, mean=[0.4] * 3, std=[0.3] * 3)
+        method = build_method(name, backbone(), 8, settings, input_size=12, teacher=teacher, teacher_dim=8)
+        method.augment = nn.Identity()  # one view, the image itself
+        return method
     method = build_method(name, backbone(), 8, settings, input_size=12)
     method.augment = FixedViews()
     if name == "simclr":
@@ -194,6 +203,10 @@ def _ddp_child(rank: int, out_dir: Path, name: str, settings: dict) -> dict:
     images = _global_images()[rank * local:(rank + 1) * local]
     out = model(images)  # through DDP's forward, as in training: gradients are averaged over the ranks
     out["loss"].backward()
+    if name == "distill":  # the teacher: no gradients, not among DDP's parameters, its weights as built
+        teacher_params = {id(p) for p in method.teacher.parameters()}
+        assert not teacher_params & {id(p) for p in model.parameters()}
+        assert all(p.grad is None for p in method.teacher.parameters()) and not method.teacher.training
     return {"loss": float(out["loss"]),
             "grads": {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}}
 
@@ -206,6 +219,10 @@ CASES = {
                                                         "shuffle_bn": "shuffle"}),
     "moco queue, shuffled keys": ("moco", {"memory_bank_size": 32, "hidden_dim": 16, "output_dim": 8,
                                            "shuffle_bn": "shuffle"}),
+    # a frozen teacher (with BatchNorm, kept in eval mode) outside DDP's parameters and buffers
+    "distill cosine": ("distill", {"teacher": {"name": "test_resnet", "random_init": True}, "mixup": False}),
+    "distill mse": ("distill", {"teacher": {"name": "test_resnet", "random_init": True}, "mixup": False,
+                                "loss": "mse"}),
 }
 
 

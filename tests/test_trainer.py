@@ -123,7 +123,15 @@ def test_compile_warm_up_leaves_training_untouched_and_keeps_the_faster_backbone
     assert (method.backbone._compiled_call_impl is not None) == kept
 
 
-def _training(seed: int, tmp_path=None):
+RESUME_METHODS = {
+    "simclr": {"hidden_dim": 16, "output_dim": 8},
+    # a frozen teacher rebuilt from its spec on resume (not in the checkpoint), queue loss: a buffer to restore too
+    "distill": {"teacher": {"name": "test_resnet", "random_init": True, "input_size": 16}, "loss": "queue",
+                "queue_size": 32},
+}
+
+
+def _training(seed: int, tmp_path=None, method: str = "simclr"):
     """A Worker around a tiny SimCLR (random augmentation: the torch RNG matters), AdamW and the warmup +
     cosine schedule, as setup_worker builds them, on one CPU process."""
     import numpy as np
@@ -131,8 +139,8 @@ def _training(seed: int, tmp_path=None):
     from pipeline.trainer import Worker, build_optimizer, build_stage_method
 
     torch.manual_seed(seed)
-    job = TrainJob(stage={"name": "s", "method": "simclr", "channels_last": False, "epochs": 1,
-                          "settings": {"hidden_dim": 16, "output_dim": 8}},
+    job = TrainJob(stage={"name": "s", "method": method, "channels_last": False, "epochs": 1,
+                          "settings": RESUME_METHODS[method]},
                    backbone={"name": "test_resnet", "small_image_stem": False, "stem_stride": 1, "in_chans": 3,
                              "kwargs": {}, "image_size": 16},
                    seed=seed, data=[], mean=[0.5] * 3, std=[0.2] * 3)
@@ -155,7 +163,8 @@ def _steps(w, first: int, count: int) -> None:
         assert train_step(w, idx, 0, step) is not None
 
 
-def test_resume_restores_weights_optimizer_schedule_and_random_state(tmp_path):
+@pytest.mark.parametrize("method", list(RESUME_METHODS))
+def test_resume_restores_weights_optimizer_schedule_and_random_state(tmp_path, method):
     """Train 3 steps, checkpoint, train 3 more; a fresh method/optimizer/scheduler loaded from the checkpoint
     (after other random numbers were drawn) takes the same 3 steps to the same place."""
     import random
@@ -167,7 +176,7 @@ def test_resume_restores_weights_optimizer_schedule_and_random_state(tmp_path):
     torch.set_num_threads(1)
     np.random.seed(5)
     random.seed(5)
-    a = _training(seed=0)
+    a = _training(seed=0, method=method)
     _steps(a, 0, 3)
     save_checkpoint(tmp_path, a.method, a.optimizer, a.scheduler, {"epoch": 0}, a.job, a.feature_dim)
     _steps(a, 3, 3)
@@ -176,7 +185,7 @@ def test_resume_restores_weights_optimizer_schedule_and_random_state(tmp_path):
     # another process: other seeds, other initial weights; everything comes from the checkpoint
     np.random.seed(77)
     random.seed(77)
-    b = _training(seed=1)
+    b = _training(seed=1, method=method)
     torch.rand(10)
     load_checkpoint(tmp_path, b.method, b.optimizer, b.scheduler, rank=0)
     assert b.scheduler.last_epoch == 3

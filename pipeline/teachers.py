@@ -1,0 +1,80 @@
+"""Distillation teachers built from a method's `settings.teacher` spec (pretext/settings.py TeacherSpec).
+
+Here and not in `pretext` because an artifact teacher is read with `pipeline.backbones.load_backbone` (pretext must
+not import pipeline); the method receives the finished module (`pretext.distill.Teacher`) and its dimension.
+Never downloads weights: a timm teacher gets its weights from a local .safetensors state dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.backbones import BackboneError, load_backbone
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _timm_teacher(spec) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A timm model without classifier, with the spec's weights (strict) or a seeded random init."""
+    import timm
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    kwargs = {k: v for k, v in (spec.kwargs or {}).items() if k not in ("pretrained", "num_classes")}
+    try:
+        torch.manual_seed(spec.seed)  # every worker (and a resume) builds the same random teacher
+        model = timm.create_model(spec.name, pretrained=False, num_classes=0, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise BackboneError(f"settings.teacher.name: unknown timm model '{spec.name}'") from None
+        raise BackboneError(f"settings.teacher: '{spec.name}' could not be built: {err}") from None
+    except TypeError as err:
+        raise BackboneError(f"settings.teacher.kwargs not accepted by '{spec.name}': {err}") from None
+    if spec.weights is not None:
+        try:
+            state = load_file(spec.weights)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise BackboneError(f"settings.teacher.weights: {spec.weights} is unreadable ({err})") from None
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first = str(err).splitlines()[0]
+            raise BackboneError(f"settings.teacher.weights: {spec.weights} does not match timm model "
+                                f"'{spec.name}' (num_classes=0): {first}") from None
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    facts = {
+        "input_size": spec.input_size or int((cfg.get("input_size") or (3, 224, 224))[-1]),
+        "mean": list(spec.mean or cfg.get("mean") or IMAGENET_MEAN),
+        "std": list(spec.std or cfg.get("std") or IMAGENET_STD),
+        "in_chans": int(kwargs.get("in_chans", 3)),
+        "input_transform": "rgb",
+    }
+    return model, facts
+
+
+def build_teacher(spec: Any) -> tuple[torch.nn.Module, int]:
+    """The frozen teacher (eval mode, no gradients, on the CPU) and its embedding dimension.
+
+    `spec`: a TeacherSpec or its dict. An artifact teacher embeds as the artifact does (a refine stage's head
+    included) at the artifact's input size and normalization; a timm teacher at `input_size`/`mean`/`std` from
+    the spec, else from timm's pretrained_cfg of that architecture (ImageNet statistics for most).
+    """
+    from pretext.distill import Teacher
+    from pretext.settings import TeacherSpec
+
+    if not isinstance(spec, TeacherSpec):
+        spec = TeacherSpec.model_validate(spec)
+    with torch.random.fork_rng(devices=[]):  # building a teacher leaves the caller's random stream as it was
+        if spec.artifact is not None:
+            module, meta = load_backbone(spec.artifact, with_meta=True)
+            facts = {"input_size": spec.input_size or meta["input_size"], "mean": meta["mean"], "std": meta["std"],
+                     "in_chans": meta["in_chans"], "input_transform": meta.get("input_transform", "rgb")}
+        else:
+            module, facts = _timm_teacher(spec)
+    teacher = Teacher(module, **facts)
+    with torch.no_grad():
+        probe = teacher(torch.zeros(2, 3, teacher.input_size, teacher.input_size))
+    return teacher, int(probe.shape[1])
