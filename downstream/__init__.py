@@ -13,6 +13,7 @@ from downstream.settings import DOWNSTREAM_SETTINGS
 METHODS: dict[str, str] = {
     "finetune": "downstream.finetune:Finetune",
     "metric": "downstream.metric:MetricLearning",
+    "scan": "downstream.scan:SCAN",
 }
 
 __all__ = ["METHODS", "DOWNSTREAM_SETTINGS"]

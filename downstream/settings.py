@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from downstream.policies import validate_policies
 from pretext.settings import AugmentSettings, MethodSettings, StrictSettings
 
 LossName = Literal["contrastive", "triplet", "margin", "multi_similarity", "quadruplet"]
@@ -84,8 +85,45 @@ class FinetuneSettings(MethodSettings):
     class_ids: list[int] | None = Field(None, description="dataset label of each output, filled in by the runner")
 
 
+class ScanAugmentSettings(AugmentSettings):
+    """SCAN's phase-1 views (SimCLR-style, as the authors use) and phase 2's weak view (crop + flip only)."""
+
+    min_scale: float = Field(0.2, gt=0.0, le=1.0)
+    cj_strength: float = Field(0.5, ge=0.0)
+    gaussian_blur: float = Field(0.0, ge=0.0, le=1.0)
+
+
+DEFAULT_STRONG_AUGMENT = [{"name": "randaugment"}, {"name": "random_erasing", "p": 0.5}]
+
+
+class ScanSettings(MethodSettings):
+    """SCAN (Van Gansbeke et al., ECCV 2020): a clustering head trained so that neighbours agree, then self-labelled.
+
+    `clusters` is filled in by the cluster stage (its own `clusters:` key, or the count chosen by silhouette)."""
+
+    clusters: int | None = Field(None, ge=2, le=10000, description="filled in by the cluster stage")
+    num_heads: int = Field(5, ge=1, le=32, description="heads trained side by side; the lowest-loss one is kept")
+    overclusters: int = Field(0, ge=0, le=10000, description="extra heads with this many clusters (0: none); "
+                              "they shape the features during phase 1 and are not exported")
+    num_neighbors: int = Field(20, ge=1, le=500, description="neighbours mined per image from the input's embedding")
+    entropy_weight: float = Field(5.0, ge=0.0, le=100.0, description="weight of the cluster-size entropy term")
+    scan_epochs: int = Field(1, ge=1, description="phase 1 epochs; filled in by the cluster stage")
+    confidence_threshold: float = Field(0.99, gt=0.0, lt=1.0, description="phase 2 keeps predictions above this")
+    backbone_lr_scale: float = Field(0.0, ge=0.0, le=1.0, description="0: backbone frozen; else its rate relative "
+                                     "to the heads'")
+    augment: ScanAugmentSettings = ScanAugmentSettings()
+    strong_augment: list[dict] = Field(default_factory=lambda: [dict(p) for p in DEFAULT_STRONG_AUGMENT],
+                                       description="phase 2's strong view: augmentation policies (downstream/policies)")
+
+    @model_validator(mode="after")
+    def _strong_policies(self) -> "ScanSettings":
+        self.strong_augment = validate_policies(self.strong_augment, allow_batch=False)
+        return self
+
+
 # name -> settings model; the matching module and class are in downstream/__init__.py (METHODS).
 DOWNSTREAM_SETTINGS: dict[str, type[MethodSettings]] = {
     "finetune": FinetuneSettings,
     "metric": MetricSettings,
+    "scan": ScanSettings,
 }

@@ -30,6 +30,7 @@ META_FILE = "backbone.json"
 EXPORTED_MODULES: dict[str, str] = {
     "stml_embedder": "pretext.stml:rebuild_exported",
     "metric_embedder": "downstream.metric:rebuild_exported",
+    "scan_clusterer": "downstream.scan:rebuild_exported",
 }
 
 
