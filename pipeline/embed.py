@@ -140,10 +140,12 @@ def embed_split(artifact: Path, data, out: Path, *, batch_size: int = 256, ray_a
     meta = read_backbone_meta(artifact)
     started_ray = []
 
-    def start_ray() -> None:
+    def start_ray() -> None:  # a Ray this command started is stopped at the end; one already running is kept
+        import ray
+
         from pipeline.trainer import ray_init
 
-        if not started_ray:
+        if not ray.is_initialized():
             ray_init(ray_address)
             started_ray.append(True)
 

@@ -1,7 +1,7 @@
 """`sslpipe embed` and `sslpipe export`, and backbones named by stage or by model registry URI.
 
-No Ray here: a small folder is an in-memory split, embedded in this process (the streamed split's cluster path is
-covered by tests/test_cluster_embed.py; here only its row-chunked Parquet writer over a memory map).
+A small folder is an in-memory split, embedded in this process; one test (on the shared Ray head) streams it
+through the pixel cache and the Ray Data actor pool instead.
 """
 
 from __future__ import annotations
@@ -192,3 +192,19 @@ def test_export_onnx_matches_torch_or_names_the_missing_packages(artifact, tmp_p
         want = model(torch.from_numpy((rgb - mean) / std)).numpy()
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": rgb})[0]
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_embed_streamed_split_on_the_cluster(ray_session, artifact, folder, tmp_path):
+    """backend: stream -> pixel cache, Ray Data actors, Parquet from the memory map: same rows and values."""
+    out = tmp_path / "emb.parquet"
+    data = data_config(source="folder", root=str(folder), load_size=16, backend="stream")
+    result = embed_split(artifact, data, out, batch_size=3, log=lambda m: None)
+    assert result["streamed"] and ray_session.is_initialized()  # the session's Ray is left running
+    table = pq.read_table(out)
+    paths = readable_paths(folder)
+    assert table.column("id").to_pylist() == paths
+    got = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(got, expected_features(artifact, paths), atol=1e-5, rtol=0)
+    skipped = (tmp_path / "emb.skipped.tsv").read_text().splitlines()
+    assert len(skipped) == 2 and skipped[1].startswith(f"{folder / 'dog' / 'broken.png'}\t")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".emb.parquet.")]  # the scratch map is gone
