@@ -51,7 +51,58 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sub.add_parser("methods", help="list the registered methods and the stage kind that runs each")
+    _add_embed_export(sub)
     return parser
+
+
+BACKBONE_HELP = ("an artifact folder, a stage folder of a run (runs/NAME/stages/STAGE), a stage name with --run-dir, "
+                 "or a registry URI models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def _add_backbone_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", required=True, help=BACKBONE_HELP)
+    p.add_argument("--run-dir", default=None, help="a finished run's output folder: --backbone may then be a stage "
+                   "name, and models:/ URIs default to its mlflow.db")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store of the model registry for models:/ URIs "
+                   "(default: MLFLOW_TRACKING_URI, else the --run-dir's mlflow.db)")
+
+
+def _add_embed_export(sub) -> None:
+    embed = sub.add_parser(
+        "embed", help="embed the images of a folder or data source with a backbone into .parquet or .npy",
+        description="Read one split of a data source as a pipeline run does (the data: keys as options), embed it "
+                    "with a backbone and write the embeddings with their image ids. Streamed splits are embedded "
+                    "on the Ray cluster and written in row chunks.")
+    _add_backbone_options(embed)
+    embed.add_argument("--out", required=True, help="OUT.parquet (id, label, embedding) or OUT.npy "
+                       "(+ OUT.ids.txt, OUT.labels.npy); unreadable files are listed in OUT.skipped.tsv")
+    embed.add_argument("--source", default="folder", help="data.source: folder (default), manifest or a built-in set")
+    embed.add_argument("--root", default=None, help="data.root: the image folder or manifest file")
+    embed.add_argument("--split", default="train", help="which split: train (default; the whole folder when it "
+                       "has no train/ and test/ sub-folders), test, ...")
+    embed.add_argument("--labels", choices=("auto", "folders", "none"), default="auto", help="data.labels")
+    embed.add_argument("--load-size", type=int, default=None,
+                       help="data.load_size: decode size of image files (default: the backbone's input size)")
+    embed.add_argument("--backend", choices=("auto", "memory", "stream"), default="auto", help="data.backend")
+    embed.add_argument("--cache-dir", default=None, help="data.cache_dir for the stream backend "
+                       "(default: pixel_cache beside --out)")
+    embed.add_argument("--batch-size", type=int, default=256)
+    embed.add_argument("--ray-address", default=None, help="Ray cluster for streamed splits (default: RAY_ADDRESS, "
+                       "else a local Ray)")
+    export = sub.add_parser(
+        "export", help="export a backbone to ONNX (checked with onnxruntime) or one safetensors file",
+        description="ONNX: input 'images' float32 (N, 3, S, S) RGB in [0, 1] at the backbone's input size, the "
+                    "artifact's normalization inside the graph (--raw-input: without it), output 'embeddings' "
+                    "(N, D); onnxruntime must match torch within 1e-4 or nothing is written (exit 1). "
+                    "safetensors: the weights with the artifact's metadata in the header.")
+    _add_backbone_options(export)
+    export.add_argument("--format", required=True, choices=("onnx", "safetensors"))
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    export.add_argument("--batch", type=int, default=2, help="batch size of the example traced for ONNX "
+                        "(the batch axis stays dynamic; the check runs batch+1)")
+    export.add_argument("--raw-input", action="store_true",
+                        help="ONNX without the normalization: the graph takes the backbone's normalized input")
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
@@ -60,7 +111,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError]
     for module, name in (("pipeline.data", "DataError"), ("pipeline.backbones", "BackboneError"),
-                         ("pipeline.tracking", "TrackingError")):
+                         ("pipeline.tracking", "TrackingError"), ("pipeline.export", "MissingPackageError")):
         mod = sys.modules.get(module)
         if mod is not None:
             errors.append(getattr(mod, name))
@@ -112,6 +163,76 @@ def _retrain(args: argparse.Namespace) -> int:
         print(f"\nretrain: {decision['decision']}: {decision['reason']}")
         print(f"'{decision['alias']}' of model '{decision['model_name']}' is version {decision['champion_after']}")
         print(f"summary: {output_dir / 'summary.json'}")
+    return EXIT_OK
+
+
+def _scratch_dir(out: str):
+    """Where a models:/ backbone is downloaded: beside the output (shared storage on a cluster), removed after."""
+    import tempfile
+
+    parent = Path(out).expanduser().resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=".sslpipe-backbone-", dir=parent)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from pipeline.backbone_ref import resolve_backbone
+    from pipeline.backbones import read_backbone_meta
+    from pipeline.embed import check_output, data_config, embed_split
+
+    out = Path(args.out).expanduser()
+    check_output(out)
+    if args.batch_size < 1:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"embed: --batch-size must be at least 1, got {args.batch_size}")
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    with _scratch_dir(args.out) as scratch:
+        artifact = resolve_backbone(args.backbone, scratch=Path(scratch), run_dir=args.run_dir,
+                                    tracking_uri=args.tracking_uri)
+        meta = read_backbone_meta(artifact)
+        load_size = args.load_size
+        if load_size is None and args.source in ("folder", "manifest"):
+            load_size = max(8, int(meta["input_size"]))
+        data = data_config(source=args.source, root=args.root, train_split=args.split, labels=args.labels,
+                           load_size=load_size, backend=args.backend, cache_dir=args.cache_dir)
+        log(f"backbone: {artifact} ({meta['timm_name']}, {meta['feature_dim']} features, "
+            f"{meta['input_size']}px input)")
+        result = embed_split(artifact, data, out, batch_size=args.batch_size, ray_address=args.ray_address,
+                             backbone_spec=args.backbone, log=log)
+    where = "on the Ray cluster" if result["streamed"] else "in this process"
+    print(f"embedded {result['rows']} images ({result['dim']} dims) {where} in {result['embed_s']:.1f}s "
+          f"(data {result['load_s']:.1f}s); skipped {result['skipped']}")
+    for path in result["files"] + ([result["skipped_file"]] if result["skipped_file"] else []):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.backbone_ref import resolve_backbone
+
+    with _scratch_dir(args.out) as scratch:
+        artifact = resolve_backbone(args.backbone, scratch=Path(scratch), run_dir=args.run_dir,
+                                    tracking_uri=args.tracking_uri)
+        from pipeline import export
+
+        if args.format == "onnx":
+            if args.batch < 1:
+                from pipeline.config import ConfigError
+
+                raise ConfigError(f"export: --batch must be at least 1, got {args.batch}")
+            result = export.export_onnx(artifact, Path(args.out).expanduser(), opset=args.opset, batch=args.batch,
+                                        raw_input=args.raw_input)
+            print(f"onnxruntime matches torch on a batch of {result['checked_batch']}: max abs difference "
+                  f"{result['max_abs_diff']:.3g} (limit {export.DEFAULT_TOLERANCE:g})")
+            print(f"input 'images': {result['input']}; output 'embeddings'")
+        else:
+            result = export.export_safetensors(artifact, Path(args.out).expanduser())
+            print(f"{result['tensors']} tensors; the artifact metadata is in the header under '{export.META_KEY}'")
+    print(f"wrote {result['out']}")
     return EXIT_OK
 
 
@@ -171,7 +292,7 @@ def _failure_message(err: BaseException) -> str | None:
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if type(err).__name__ == "NonFiniteLossError":
+        if type(err).__name__ in ("NonFiniteLossError", "ExportMismatch"):
             return str(err)
         err = err.__cause__ or err.__context__
     return None
@@ -198,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "retrain":
             return _retrain(args)
+        if args.command == "embed":
+            return _embed(args)
+        if args.command == "export":
+            return _export(args)
         return _run(args)
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are in summary.json; rerun the same command to continue", file=sys.stderr)

@@ -132,3 +132,62 @@ def already_judged(uri: str, model_name: str, data_fp: str, config_fp: str):
         if v.tags.get(TAG_DECISION) and v.tags.get(TAG_DATA) == data_fp and v.tags.get(TAG_CONFIG) == config_fp:
             return v
     return None
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/<name>@<alias>` -> (name, alias, None); `models:/<name>/<version>` -> (name, None, version).
+    Anything else is a BackboneError."""
+    from pipeline.backbones import BackboneError
+
+    rest = uri.removeprefix("models:/")
+    if rest == uri or not rest:
+        raise BackboneError(f"not a model registry URI: {uri!r} (expected models:/<name>@<alias> or "
+                            "models:/<name>/<version>)")
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        if name and alias and "/" not in name and "/" not in alias:
+            return name, alias, None
+    else:
+        name, _, version = rest.partition("/")
+        if name and version.isdigit():
+            return name, None, version
+    raise BackboneError(f"malformed model registry URI {uri!r}: expected models:/<name>@<alias> or "
+                        "models:/<name>/<version> (a version number)")
+
+
+def resolve_model_uri(model_uri: str, tracking_uri: str, dst: Path) -> Path:
+    """The backbone artifact folder (model.safetensors + backbone.json) of the registered model version that
+    `model_uri` (`models:/<name>@<alias>` or `models:/<name>/<version>`) names, downloaded under `dst`.
+
+    The one place that turns a registry URI into an artifact folder; a missing store, model, alias or version
+    is a BackboneError (CLI exit 2) that says which."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.backbones import BackboneError
+    from pipeline.tracking import check_reachable
+
+    name, alias, version = parse_model_uri(model_uri)
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise BackboneError(f"{model_uri}: no MLflow store at {tracking_uri} (the database file does not exist)")
+    check_reachable(tracking_uri)
+    client = registry_client(tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise BackboneError(f"{model_uri}: no registered model '{name}' in the registry at {tracking_uri}") from None
+    if alias is not None:
+        held = version_by_alias(tracking_uri, name, alias)
+        if held is None:
+            raise BackboneError(f"{model_uri}: model '{name}' has no alias '{alias}' in the registry at "
+                                f"{tracking_uri}")
+        version = str(held.version)
+    else:
+        try:
+            client.get_model_version(name, version)
+        except MlflowException:
+            raise BackboneError(f"{model_uri}: model '{name}' has no version {version} in the registry at "
+                                f"{tracking_uri}") from None
+    try:
+        return download_backbone(tracking_uri, name, version, Path(dst))
+    except TrackingError as err:
+        raise BackboneError(f"{model_uri}: {err}") from None
