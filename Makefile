@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
 	  if [ "$$free" -lt 10 ]; then \
 	    echo "warning: $$free GiB free here; .venv takes about 8 GiB (torch with its CUDA libraries)"; fi
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,export]'
 	@touch $(STAMP)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package when we may install it.
