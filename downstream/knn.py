@@ -169,3 +169,21 @@ def knn_accuracy(train_features, train_labels, query_features, query_labels, **k
     if pred.size == 0:
         raise ValueError("no queries")
     return float(np.mean(pred == query_labels))
+
+
+def nearest_neighbours(features, k: int, *, use_gpu: bool | None = None, batch_size: int = 4096) -> np.ndarray:
+    """(N, k) int64: each row's k most cosine-similar other rows (itself left out by position), nearest first.
+
+    What SCAN mines once from a pretrained embedding: neighbours in a good embedding usually share a class."""
+    x = _normalized(features, "features")
+    n = len(x)
+    if not 1 <= k < n:
+        raise ValueError(f"nearest_neighbours: k must be in [1, {n - 1}] for {n} rows, got {k}")
+    index = _index(x, k + 1, use_gpu)
+    out = np.empty((n, k), dtype=np.int64)
+    for start in range(0, n, batch_size):
+        _, found = index.search(x[start:start + batch_size], k + 1)
+        for i, row in enumerate(found, start):
+            others = row[(row != i) & (row >= 0)]
+            out[i] = others[:k]
+    return out

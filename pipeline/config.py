@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from downstream.policies import PolicyError, validate_policies
+from downstream.settings import DOWNSTREAM_SETTINGS
 from pretext import REFINE_METHODS, method_names, method_settings
 from pretext.settings import StrictSettings
 
@@ -264,6 +265,55 @@ class MetricStage(TrainingStage):
         return self
 
 
+class ClusterStage(TrainingStage):
+    """Learns C clusters of the images with SCAN on a backbone input; produces a cluster model (backbone + head).
+
+    `epochs` is SCAN's phase (neighbours agree), `selflabel_epochs` the self-labelling phase after it; both run
+    in one Ray Train fit. Neighbours are mined once from the input's embedding of the training split.
+    """
+
+    kind: Literal["cluster"]
+    method: Literal["scan"] = "scan"
+    input: str = Field(description="the stage whose backbone is clustered, or 'best'")
+    clusters: int | Literal["auto"] | None = Field(
+        None, description="C; none: the evaluation split's class count; auto: the silhouette of k-means on the "
+        "input embedding over clusters_range")
+    clusters_range: tuple[int, int] = Field((2, 20), description="clusters: auto tries C in this range")
+    selflabel_epochs: int = Field(0, ge=0, le=100_000)
+    evaluate: bool = Field(False, description="kNN accuracy and k-means NMI of the backbone (unchanged when frozen)")
+
+    def uses_eval_split(self) -> bool:
+        return True  # its clusters are reported on the evaluation split
+
+    @field_validator("clusters")
+    @classmethod
+    def _two_or_more(cls, value):
+        if isinstance(value, int) and value < 2:
+            raise ValueError("clusters must be at least 2 (or auto)")
+        return value
+
+    @model_validator(mode="after")
+    def _validate_settings(self) -> "ClusterStage":
+        lo, hi = self.clusters_range
+        if not 2 <= lo <= hi:
+            raise ValueError(f"clusters_range must be (low, high) with 2 <= low <= high, got {list(self.clusters_range)}")
+        self._validated_settings(DOWNSTREAM_SETTINGS[self.method])
+        defaults = DOWNSTREAM_SETTINGS[self.method]()
+        for key, stage_key in (("clusters", "clusters"), ("scan_epochs", "epochs")):
+            if self.settings[key] != getattr(defaults, key):
+                raise ValueError(f"settings.{key} is set by the stage: use the stage's {stage_key} key")
+        return self
+
+    def method_settings(self, clusters: int) -> dict[str, Any]:
+        """What the SCAN method gets: the stage's settings plus C and the length of phase 1."""
+        return {**self.settings, "clusters": clusters, "scan_epochs": self.epochs}
+
+    def job(self, clusters: int) -> "ClusterStage":
+        """The stage as the training loop runs it: both phases in one fit."""
+        return self.model_copy(update={"epochs": self.epochs + self.selflabel_epochs,
+                                       "settings": self.method_settings(clusters)})
+
+
 class FinetuneStage(TrainingStage):
     """Trains a classifier on a labeled share of the training split: a linear probe on the frozen backbone
     (`mode: linear`) or everything (`mode: full`). Produces a classifier and a backbone artifact."""
@@ -417,7 +467,8 @@ class EvaluateStage(StageBase):
 
 
 # Every stage kind: one schema class each (an executor in `pipeline.stages` runs it).
-STAGE_TYPES: tuple[type[StageBase], ...] = (PretextStage, RefineStage, FinetuneStage, MetricStage, EvaluateStage)
+STAGE_TYPES: tuple[type[StageBase], ...] = (PretextStage, RefineStage, FinetuneStage, MetricStage, ClusterStage,
+                                             EvaluateStage)
 Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]
 STAGE_KINDS: tuple[str, ...] = tuple(get_args(t.model_fields["kind"].annotation)[0] for t in STAGE_TYPES)
 

@@ -50,6 +50,8 @@ class TrainJob:
     init_artifact: str | None = None
     # [ray.ObjectRef of an int64 (N,) array] for methods with `needs_labels` (fine-tuning, metric learning)
     labels: list | None = None
+    # [ray.ObjectRef of an int64 (N, k) array] for methods with `needs_neighbours` (SCAN): each image's neighbours
+    neighbours: list | None = None
     tracking_uri: str | None = None
     run_id: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -394,6 +396,10 @@ def setup_worker(job: TrainJob, hooks: FaultHooks | None) -> Worker:
     raw = _unwrap(model)
     if labels is not None:
         raw.set_train_labels(labels)
+    if getattr(raw, "needs_neighbours", False):
+        if not job.neighbours:
+            raise ValueError(f"stage '{stage['name']}': method '{stage['method']}' needs mined neighbours")
+        raw.set_neighbours(np.asarray(ray.get(job.neighbours[0]), dtype=np.int64))
 
     sampler = DistributedSampler(range(len(images)), num_replicas=world, rank=rank, shuffle=True, seed=job.seed,
                                  drop_last=True)

@@ -116,3 +116,67 @@ def test_scan_finds_the_classes_then_self_labels_with_a_frozen_backbone():
     assert meta["export"] == "scan_clusterer" and meta["clusters"] == 3
     p = module(method.normalize(x[:5].float() / 255))
     assert p.shape == (5, 3) and torch.allclose(p.sum(1), torch.ones(5))
+
+
+def test_cluster_stage_config():
+    """A cluster stage runs both phases in one fit; C and phase 1's length come from the stage's keys only."""
+    from pipeline.config import ConfigError, validate_config
+
+    base = {"name": "c", "data": {"source": "digits"}, "stages": [
+        {"name": "p", "kind": "pretext", "method": "rotation", "epochs": 1},
+        {"name": "scan", "kind": "cluster", "input": "p", "epochs": 3, "selflabel_epochs": 2, "clusters": "auto"}]}
+    stage = validate_config(base).stages[1]
+    job = stage.job(7)
+    assert job.epochs == 5 and job.settings["clusters"] == 7 and job.settings["scan_epochs"] == 3
+    for bad, message in (({"clusters": 1}, "at least 2"), ({"settings": {"clusters": 4}}, "settings.clusters is set by the stage"),
+                         ({"clusters_range": [5, 3]}, "clusters_range"), ({"input": None}, "input")):
+        cfg = {**base, "stages": [base["stages"][0], {**base["stages"][1], **bad}]}
+        with pytest.raises(ConfigError, match=message):
+            validate_config(cfg)
+
+
+def test_nearest_neighbours_are_the_brute_force_ones():
+    from downstream.knn import nearest_neighbours
+
+    x = np.random.default_rng(3).normal(size=(60, 8)).astype(np.float32)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = unit @ unit.T
+    np.fill_diagonal(sim, -np.inf)
+    expected = np.argsort(-sim, axis=1)[:, :5]
+    np.testing.assert_array_equal(nearest_neighbours(x, 5), expected)
+    with pytest.raises(ValueError, match="k must be"):
+        nearest_neighbours(x, 60)
+
+
+def test_cluster_stage_learns_the_classes_and_self_labelling_keeps_them(tmp_path, ray_session):
+    """Three colour classes of photos: SCAN from a barely trained backbone finds them (NMI near 1), the
+    self-labelled stage is no worse, and assignments carry one confidence in [0, 1] per image."""
+    from PIL import Image
+
+    from clustering import read_assignments
+    from pipeline.config import validate_config
+    from pipeline.runner import PipelineRun
+
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate(((200, 40, 40), (40, 200, 40), (40, 40, 200))):
+        (tmp_path / "imgs" / f"class{c}").mkdir(parents=True)
+        for i in range(32):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 30, (20, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / f"class{c}" / f"{i}.png")
+    scan = {"kind": "cluster", "input": "p", "epochs": 8, "batch_size": 32, "optimizer": {"lr": 0.05, "warmup_epochs": 0},
+            "settings": {"num_heads": 2, "num_neighbors": 5, "confidence_threshold": 0.9}}
+    cfg = validate_config({
+        "name": "scan", "seed": 0, "data": {"source": "folder", "root": str(tmp_path / "imgs"), "load_size": 16},
+        "backbone": {"name": "resnet18", "small_image_stem": True, "stem_stride": 2, "image_size": 16},
+        "ray": {"num_workers": 2},
+        "stages": [{"name": "p", "kind": "pretext", "method": "rotation", "epochs": 1, "batch_size": 32,
+                    "evaluate": False},
+                   {"name": "scan", **scan}, {"name": "scan_selflabel", **scan, "selflabel_epochs": 2}]})
+    summary = PipelineRun(cfg, tmp_path / "out", log=lambda m: None).run()
+    plain, labelled = (summary["stages"][s]["metrics"] for s in ("scan", "scan_selflabel"))
+    assert plain["clusters"] == 3 and plain["neighbour_label_agreement"] > 0.9
+    assert plain["nmi"] > 0.8, plain
+    assert labelled["nmi"] >= plain["nmi"] - 0.02, (plain["nmi"], labelled["nmi"])
+    rows = read_assignments(summary["stages"]["scan_selflabel"]["artifacts"]["assignments"])
+    assert len(rows) == 96
+    assert all(0.0 <= 1.0 - float(r["distance"]) <= 1.0 for r in rows)

@@ -14,6 +14,7 @@ EXECUTORS: dict[str, str] = {
     "refine": "pipeline.stages.training:TrainingExecutor",
     "finetune": "pipeline.stages.finetune:FinetuneExecutor",
     "metric": "pipeline.stages.metric:MetricExecutor",
+    "cluster": "pipeline.stages.cluster:ClusterExecutor",
     "evaluate": "pipeline.stages.evaluate:EvaluateExecutor",
 }
 

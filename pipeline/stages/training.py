@@ -35,8 +35,9 @@ def check_colour(ctx: RunContext, stage: TrainingStage) -> None:
 
 
 def train_stage(ctx: RunContext, stage: TrainingStage, run: StageRun, *, images: np.ndarray | None = None,
-                labels: np.ndarray | None = None) -> StageResult:
-    """Train on the training split, or on `images` (+ `labels` for labeled methods); returns the backbone."""
+                labels: np.ndarray | None = None, neighbours: np.ndarray | None = None) -> StageResult:
+    """Train on the training split, or on `images` (+ `labels` for labeled methods, `neighbours` for methods
+    that learn from each image's mined neighbours); returns the backbone."""
     ctx.ensure_ray()  # first: it sets Ray's console filter, read when ray is first imported
     import ray
 
@@ -51,6 +52,7 @@ def train_stage(ctx: RunContext, stage: TrainingStage, run: StageRun, *, images:
         seed=cfg.seed,
         data=[data_ref],
         labels=None if labels is None else [ray.put(np.asarray(labels, dtype=np.int64))],
+        neighbours=None if neighbours is None else [ray.put(np.asarray(neighbours, dtype=np.int64))],
         mean=mean,
         std=std,
         init_artifact=run.input_backbone,

@@ -1,0 +1,106 @@
+"""Cluster stages: SCAN on a backbone input, then the learned clusters of the evaluation split with a confidence
+per image (the kept head's probability), their metrics against labels when there are any, grids and a report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import ClusterStage
+from pipeline.context import RunContext
+from pipeline.stages.base import StageResult, StageRun
+from pipeline.stages.training import TrainingExecutor, train_stage
+
+
+class ClusterExecutor(TrainingExecutor):
+    def check(self, ctx: RunContext, stage: ClusterStage) -> None:
+        """An unlabeled collection has no class count to take C from: refused before anything starts."""
+        from pipeline.data import DataError
+
+        super().check(ctx, stage)
+        if stage.clusters is None and (ctx.evalset is None or ctx.evalset.labels is None):
+            raise DataError(f"stage '{stage.name}': the data has no labels to count clusters from; set "
+                            "clusters: <C> or clusters: auto")
+
+    def run(self, ctx: RunContext, stage: ClusterStage, run: StageRun) -> StageResult:
+        from downstream.knn import nearest_neighbours
+        from pipeline.evaluate import backbone_features
+
+        settings = stage.method_settings(2)
+        t0 = time.time()
+        features = backbone_features(Path(run.input_backbone), ctx.train.images, batch_size=512)
+        k = min(int(settings["num_neighbors"]), len(features) - 1)
+        neighbours = nearest_neighbours(features, k)
+        mined = {"neighbours": float(k), "mining_time_s": time.time() - t0}
+        if ctx.train.labels is not None:  # how often a mined neighbour shares the image's class (SCAN reports it)
+            agree = float((ctx.train.labels[neighbours] == ctx.train.labels[:, None]).mean())
+            mined["neighbour_label_agreement"] = agree
+            ctx.log(f"[{stage.name}] {k} neighbours per image; {agree:.3f} of them share the image's label")
+        clusters = self._clusters(ctx, stage, features)
+        result = train_stage(ctx, stage.job(clusters), run, neighbours=neighbours)
+        result.metrics.update(mined, clusters=float(clusters))
+        metrics, artifacts = assign(ctx, stage, Path(result.artifacts["backbone"]), ctx.stage_dir(stage.name))
+        result.metrics.update(metrics)
+        result.artifacts.update(artifacts)
+        return result
+
+    def final_metrics(self, result: StageResult) -> dict[str, float]:
+        return result.metrics
+
+    @staticmethod
+    def _clusters(ctx: RunContext, stage: ClusterStage, features: np.ndarray) -> int:
+        if isinstance(stage.clusters, int):
+            return stage.clusters
+        if stage.clusters is None:
+            return int(len(np.unique(ctx.evalset.labels)))
+        from clustering import choose_k, l2_normalize
+
+        lo, hi = stage.clusters_range
+        chosen = choose_k(l2_normalize(features), lo, min(hi, len(features) - 1), seed=ctx.config.seed)
+        ctx.log(f"[{stage.name}] clusters: auto chose C={chosen.k} by the silhouette of k-means on the input "
+                "embedding: " + "  ".join(f"{c}:{v:.3f}" for c, v in chosen.silhouettes.items()))
+        return int(chosen.k)
+
+
+def assign(ctx: RunContext, stage: ClusterStage, model: Path, out_dir: Path) -> tuple[dict, dict]:
+    """The cluster model's assignments of the evaluation split: probabilities, confidence, metrics, files."""
+    from clustering import cluster_grid, cluster_metrics, cluster_pages, html_report, write_assignments
+    from pipeline.evaluate import backbone_features
+
+    evalset = ctx.evalset
+    probs = np.asarray(backbone_features(model, evalset.images, batch_size=512))
+    assignments = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    sizes = np.bincount(assignments, minlength=probs.shape[1]) / len(assignments)
+    metrics = {
+        "confident_share": float((confidence > stage.settings["confidence_threshold"]).mean()),
+        "mean_confidence": float(confidence.mean()),
+        "cluster_size_entropy": float(-(sizes[sizes > 0] * np.log(sizes[sizes > 0])).sum()),
+        "clusters_used": float((sizes > 0).sum()),
+    }
+    if evalset.labels is not None:
+        metrics.update(cluster_metrics(evalset.labels, assignments))
+        ctx.log(f"[{stage.name}] SCAN clusters: NMI {metrics['nmi']:.4f}  ARI {metrics['ari']:.4f}  accuracy "
+                f"{metrics['cluster_accuracy']:.4f}; {metrics['confident_share']:.3f} of images above the threshold")
+    ids = evalset.ids if evalset.ids is not None else list(range(len(evalset)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts = {"assignments": write_assignments(out_dir / "assignments.csv", ids, assignments, 1.0 - confidence,
+                                                  labels=evalset.labels)}
+    np.save(out_dir / "probabilities.npy", probs)
+    artifacts["probabilities"] = str(out_dir / "probabilities.npy")
+    clusters = range(probs.shape[1])
+    artifacts["cluster_grid"] = str(cluster_grid(evalset.images, assignments, 1.0 - confidence,
+                                                 out_dir / "cluster_grid.png", clusters=clusters))
+    pages = cluster_pages(evalset.images, assignments, 1.0 - confidence, out_dir / "clusters", clusters=clusters)
+    artifacts["clusters"] = str(out_dir / "clusters")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    artifacts["metrics"] = str(out_dir / "metrics.json")
+    artifacts["report"] = str(html_report(
+        out_dir / "report.html", title=f"{stage.name}: SCAN clusters", metrics=metrics,
+        figures=[("clusters: the most confident members of each", artifacts["cluster_grid"])], tables={},
+        pages=[(f"cluster {c}", p) for c, p in zip(clusters, pages)],
+        links=[("cluster assignments (CSV)", artifacts["assignments"]), ("metrics (JSON)", artifacts["metrics"])]))
+    return metrics, artifacts
