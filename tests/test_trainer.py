@@ -128,6 +128,9 @@ RESUME_METHODS = {
     # a frozen teacher rebuilt from its spec on resume (not in the checkpoint), queue loss: a buffer to restore too
     "distill": {"teacher": {"name": "test_resnet", "random_init": True, "input_size": 16}, "loss": "queue",
                 "queue_size": 32},
+    # SCAN's phase 1 on anchor/neighbour halves, the backbone at a tenth of the heads' rate; its running per-head
+    # losses are buffers that must come back too
+    "scan": {"clusters": 3, "num_heads": 2, "backbone_lr_scale": 0.1},
 }
 
 
