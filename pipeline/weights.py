@@ -196,7 +196,7 @@ RENAMES: tuple[tuple[str, Callable[[set[str]], bool], Callable], ...] = (
 def _classifier_prefixes(model) -> tuple[str, ...]:
     names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
     names = (names,) if isinstance(names, str) else tuple(names)
-    return tuple(f"{n}." for n in names) + ("fc.", "head.fc.", "classifier.", "head.")
+    return tuple(f"{n}." for n in names) + ("fc.", "head.fc.", "classifier.")
 
 
 def _compare(state: Mapping[str, Any], model) -> tuple[list[str], list[str], list[str], list[str]]:
