@@ -203,7 +203,7 @@ def _compare(state: Mapping[str, Any], model) -> tuple[list[str], list[str], lis
     """(missing, unexpected, shape mismatches, dropped classifier keys) of `state` against `model`."""
     expected = model.state_dict()
     prefixes = _classifier_prefixes(model)
-    dropped = [k for k in state if k not in expected and k.startswith(prefixes)]
+    dropped = sorted(k for k in state if k not in expected and k.startswith(prefixes))
     unexpected = [k for k in state if k not in expected and k not in dropped]
     missing = [k for k in expected if k not in state]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()

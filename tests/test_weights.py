@@ -116,7 +116,7 @@ def test_a_saved_timm_model_loads_through_backbone_weights_with_identical_output
     lines: list[str] = []
     resolved = resolve_weights(BackboneConfig(name="resnet18", weights=str(path)), tmp_path / "out", lines.append)
     assert resolved.provenance == {"source": "file", "path": str(path), "sha256": resolved.source_sha256}
-    assert any("dropped 2 classifier key(s): fc.weight, fc.bias" in line for line in lines), lines
+    assert any("dropped 2 classifier key(s): fc.bias, fc.weight" in line for line in lines), lines
     model, _ = build_backbone("resnet18", small_image_stem=False)  # what a worker builds
     load_resolved(model, resolved.job(), name="resnet18")
     source.reset_classifier(0)
