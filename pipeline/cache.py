@@ -36,13 +36,17 @@ class StagePlan:
 
 
 def stage_fingerprint(config: PipelineConfig, stage: StageBase, *, data: str, upstream: str | None,
-                      evaluation: str | None = None) -> str:
-    """The cache key of one stage. `evaluation` is the evaluation split's fingerprint when the stage reads it."""
+                      evaluation: str | None = None, weights: str | None = None) -> str:
+    """The cache key of one stage. `evaluation` is the evaluation split's fingerprint when the stage reads it;
+    `weights` the sha256 of the file `backbone.pretrained` / `backbone.weights` resolved to (the path of
+    `backbone.weights` is not in the key: the same bytes under another name reuse, new bytes at the same path do not)."""
     parts: list[Any] = [result_settings(stage), result_settings(config.backbone), config.seed, data, upstream]
     if isinstance(stage, TrainingStage):
         parts.append({"ray": result_settings(config.ray)})
     if evaluation is not None:
         parts.append(evaluation)
+    if weights is not None:
+        parts.append({"weights": weights})
     return fingerprint(*parts)
 
 
@@ -79,8 +83,9 @@ class Cache:
         if inp in self.fingerprints and upstream is None:
             return None
         reads_eval = self.ctx.evalset is not None and stage.uses_eval_split()
+        weights = self.ctx.weights.source_sha256 if self.ctx.weights is not None else None
         return stage_fingerprint(self.config, stage, data=self.ctx.data_fingerprint, upstream=upstream,
-                                 evaluation=self.ctx.eval_fingerprint if reads_eval else None)
+                                 evaluation=self.ctx.eval_fingerprint if reads_eval else None, weights=weights)
 
     def forced(self, stage: StageBase) -> bool:
         return self.force or stage.name in self.rerun

@@ -86,15 +86,35 @@ class DataConfig(Strict):
 
 
 class BackboneConfig(Strict):
-    """A timm model by name. Weights are never downloaded: `pretrained` stays false."""
+    """A timm model by name: a random init, timm's hub weights (`pretrained: true`) or a state dict file
+    (`weights`). Weights are resolved once on the driver before any stage starts (pipeline.weights)."""
 
     name: str = "resnet18"
-    small_image_stem: bool = True
+    small_image_stem: bool = Field(True, description="default false with pretrained or weights (the pretrained "
+                                   "stem would be thrown away); true there is refused")
     stem_stride: Literal[1, 2] = Field(1, description="small stem only: 2 halves the feature maps (about 3x faster)")
     in_chans: Literal[1, 3] = 3
     image_size: int = Field(32, ge=8, le=1024, description="input size the backbone sees")
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    pretrained: Literal[False] = False
+    pretrained: bool = Field(False, description="timm's hub weights for `name` (Hugging Face cache or download)")
+    weights: str | None = execution_only(
+        None, description="a .safetensors or .pth state dict (a path or a pyarrow URI) in timm, torchvision or "
+        "efficientnet-pytorch naming; the cache key holds the file's sha256, not its path")
+    normalization: Literal["auto", "data", "imagenet"] = Field(
+        "auto", description="input mean/std: the weights' (timm's pretrained_cfg) with pretrained or weights, else "
+        "the training data's exact pixel moments (auto); always the data's (data); ImageNet's (imagenet)")
+
+    @model_validator(mode="after")
+    def _pretrained_start(self) -> "BackboneConfig":
+        if self.pretrained and self.weights:
+            raise ValueError("pretrained: true and weights: PATH both name weights; keep one")
+        if self.pretrained or self.weights:
+            which = "pretrained: true" if self.pretrained else "weights"
+            if self.small_image_stem and "small_image_stem" in self.model_fields_set:
+                raise ValueError(f"small_image_stem: true replaces the stem that {which} loads (its weights would "
+                                 f"be discarded); set small_image_stem: false, or drop {which} for a random init")
+            self.small_image_stem = False
+        return self
 
 
 class RayConfig(Strict):

@@ -84,6 +84,14 @@ class RunContext:
     ray_started: bool = False
     _train_ref: Any = None
     _decoded: dict[str, Any] = field(default_factory=dict)  # see load_split
+    weights: Any = None  # pipeline.weights.ResolvedWeights with backbone.pretrained / backbone.weights
+
+    def resolve_weights(self) -> None:
+        """Pretrained weights, found, checked and written once for every worker, before any stage starts."""
+        if self.weights is None and (self.config.backbone.pretrained or self.config.backbone.weights):
+            from pipeline.weights import resolve_weights
+
+            self.weights = resolve_weights(self.config.backbone, self.output_dir, self.log)
 
     def load_data(self) -> None:
         """Load the splits once: bad data is reported before anything is created in MLflow."""

@@ -48,6 +48,7 @@ class PipelineRun:
         uri = self.ctx.tracking_uri = self.config.tracking.uri or default_uri(self.output_dir)
         check_reachable(uri)  # an unreachable server fails in seconds, before data or training
         self.cache.run_status = lambda run_id: read_run_status(uri, run_id)
+        self.ctx.resolve_weights()  # offline hub weights or a file that does not fit: exit 2 in seconds
         self.ctx.load_data()
         for stage in self.config.stages:
             executor_for(stage).check(self.ctx, stage)

@@ -55,6 +55,8 @@ class TrainJob:
     tracking_uri: str | None = None
     run_id: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # {"path", "sha256"} of the driver's resolved weights (pipeline.weights) loaded into a fresh backbone
+    weights: dict[str, str] | None = None
 
 
 NON_FINITE_MARKER = "non_finite_loss.json"  # written by rank 0 into the Ray Train run folder
@@ -196,6 +198,10 @@ def build_stage_method(job: TrainJob, device: torch.device):
             bb["name"], small_image_stem=bb["small_image_stem"], stem_stride=bb["stem_stride"],
             in_chans=backbone_chans, kwargs=bb["kwargs"],
         )
+        if job.weights:
+            from pipeline.weights import load_resolved
+
+            load_resolved(backbone, job.weights, name=bb["name"])
     extra: dict[str, Any] = {}
     if getattr(method_class(stage["method"]), "needs_teacher", False):  # distillation: a frozen teacher, handed in
         from pipeline.teachers import build_teacher

@@ -43,8 +43,19 @@ def train_stage(ctx: RunContext, stage: TrainingStage, run: StageRun, *, images:
 
     from pipeline.trainer import TrainJob, fit_stage
 
+    from pipeline.weights import normalization
+
     cfg = ctx.config
-    mean, std = ctx.train.pixel_moments().stats(cfg.backbone.in_chans)  # exact, over the whole training split
+    stats = normalization(cfg.backbone, ctx.weights, cfg.backbone.in_chans)  # the weights' (or ImageNet's) mean/std
+    # else the data's: exact, over the whole training split
+    mean, std = stats if stats is not None else ctx.train.pixel_moments().stats(cfg.backbone.in_chans)
+    weights, weights_provenance = None, None
+    if run.input_backbone:  # the input's own record of where its start came from
+        from pipeline.backbones import read_backbone_meta
+
+        weights_provenance = read_backbone_meta(run.input_backbone).get("weights")
+    elif ctx.weights is not None and getattr(stage, "input", None) != "random":
+        weights, weights_provenance = ctx.weights.job(), ctx.weights.provenance
     data_ref = ctx.put_images(images)
     job = TrainJob(
         stage=stage.model_dump(mode="json"),
@@ -58,7 +69,9 @@ def train_stage(ctx: RunContext, stage: TrainingStage, run: StageRun, *, images:
         init_artifact=run.input_backbone,
         tracking_uri=ctx.tracking_uri,
         run_id=run.run_id,
+        weights=weights,
         provenance={
+            "weights": weights_provenance,
             "pipeline": cfg.name,
             "source_stage": stage.name,
             "method": stage.method,
