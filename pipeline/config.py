@@ -46,6 +46,14 @@ def result_settings(model: BaseModel) -> dict[str, Any]:
 
 
 
+PRETRAINED = "pretrained"  # input: the configured backbone with its weights (pipeline/inputs.py)
+
+
+def is_external(inp: str | None) -> bool:
+    """An input that names no stage: `pretrained`, an artifact folder (a path), a `models:/` registry URI."""
+    return inp is not None and (inp == PRETRAINED or inp.startswith("models:/") or "/" in inp or inp.startswith("~"))
+
+
 class DataConfig(Strict):
     """Where images come from. Labels, when a source has them, are used for evaluation only."""
 
@@ -538,6 +546,10 @@ class PipelineConfig(Strict):
                                  f"finetune stages; omit input for a fresh backbone")
             elif inp == "pixels" and inp not in stage.special_inputs:
                 raise ValueError(f"stage '{stage.name}': 'pixels' is an evaluation baseline, not a backbone")
+            elif is_external(inp):
+                if inp == PRETRAINED and not (self.backbone.pretrained or self.backbone.weights):
+                    raise ValueError(f"stage '{stage.name}': input 'pretrained' is the configured backbone with its "
+                                     "weights: set backbone.pretrained: true or backbone.weights: <file>")
             elif inp is not None and inp not in stage.special_inputs:
                 if inp not in seen:
                     raise ValueError(

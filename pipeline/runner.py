@@ -18,6 +18,7 @@ from pipeline import graph
 from pipeline.cache import Cache, StagePlan
 from pipeline.config import ConfigError, PipelineConfig, StageBase, dump_config, flatten
 from pipeline.context import RunContext, log
+from pipeline.inputs import resolve_external_inputs
 from pipeline.stages import StageResult, StageRun, executor_for
 from pipeline.store import drop_record, write_json_atomic, write_record, write_text_atomic
 
@@ -50,6 +51,9 @@ class PipelineRun:
         self.cache.run_status = lambda run_id: read_run_status(uri, run_id)
         self.ctx.resolve_weights()  # offline hub weights or a file that does not fit: exit 2 in seconds
         self.ctx.load_data()
+        for inp, (folder, fp) in resolve_external_inputs(self.ctx, self.config.stages).items():
+            self.results[inp] = StageResult(metrics={}, artifacts={"backbone": str(folder)}, fingerprint=fp, reused=True)
+            self.cache.note(inp, fp, reused=True)  # stands in the run like a reused stage
         for stage in self.config.stages:
             executor_for(stage).check(self.ctx, stage)
 
@@ -104,7 +108,7 @@ class PipelineRun:
                 self._run_wave([(stage, index + i + 1) for i, stage in enumerate(wave)])
                 index += len(wave)
             self._register_backbone()
-            reused = [name for name, r in self.results.items() if r.reused]
+            reused = self._reused()
             if reused:
                 self.log(f"reused {len(reused)}/{len(cfg.stages)} stage(s): {', '.join(reused)}"
                          f"{'' if ctx.ray_started else '; nothing to train, Ray not started'}")
@@ -120,7 +124,7 @@ class PipelineRun:
         self._interrupted = self._interrupted or interrupted
         with self.ctx.lock:  # stage threads may still record results after an interrupt
             in_flight = dict(self._active_runs)
-            self.summary["reused_stages"] = [name for name, r in self.results.items() if r.reused]
+            self.summary["reused_stages"] = self._reused()
             self.summary["status"] = "FINISHED" if error is None else ("KILLED" if interrupted else "FAILED")
             write_json_atomic(self.output_dir / "summary.json", self.summary)
         for run_id in in_flight:  # stages still running in pool threads
@@ -129,6 +133,9 @@ class PipelineRun:
             tracker.set_tags(self.ctx.parent_run_id, {"sslpipe.best_stage": self.summary["best"]["stage"]})
         tracker.end_run(self.ctx.parent_run_id, self.summary["status"])
         self.ctx.save_ray_logs()  # last: nothing above waits for a copy of Ray's logs
+
+    def _reused(self) -> list[str]:
+        return [s.name for s in self.config.stages if s.name in self.results and self.results[s.name].reused]
 
     def _run_wave(self, numbered: list[tuple[StageBase, int]]) -> None:
         """Reuse what is cached; train the rest concurrently when Ray has room for all of them."""
