@@ -1,6 +1,7 @@
 """Per-image cluster assignment CSVs (the artifact people actually open).
 
-Columns: ``id,cluster,distance`` plus ``label`` when ground truth is known.
+Columns: ``id,cluster,distance`` plus ``label`` when ground truth is known, then ``confidence`` (in [0, 1],
+low near a boundary between clusters; see :class:`~clustering.kmeans.ClusterResult`) when given.
 ``id`` is either a dataset index or a file path; paths are quoted by the csv
 module so commas, quotes and newlines in file names survive a round trip.
 Files are written atomically so a crashed or concurrent job never leaves a
@@ -39,7 +40,7 @@ def _parse_scalar(text: str) -> int | str:
     return text
 
 
-def write_assignments(path, ids, assignments, distances, labels=None) -> str:
+def write_assignments(path, ids, assignments, distances, labels=None, confidence=None) -> str:
     """Write one row per point and return ``path`` (as str).
 
     Args:
@@ -49,6 +50,8 @@ def write_assignments(path, ids, assignments, distances, labels=None) -> str:
         distances: N distances to the assigned centroid; written with float32
             precision (shortest round-tripping repr), matching KMeansResult.
         labels: optional N ground-truth labels (ints or strings) -> ``label`` column.
+        confidence: optional N assignment confidences in [0, 1] -> ``confidence`` column, the last one
+            (float32 precision, like distances).
     """
     ids = list(ids)
     assignments = np.asarray(assignments)
@@ -62,10 +65,16 @@ def write_assignments(path, ids, assignments, distances, labels=None) -> str:
     if labels is not None:
         labels = list(labels.tolist() if isinstance(labels, np.ndarray) else labels)
         lengths["labels"] = len(labels)
+    if confidence is not None:
+        confidence = np.asarray(confidence, dtype=np.float32)
+        if confidence.ndim != 1:
+            raise ValueError("confidence must be 1-D")
+        lengths["confidence"] = confidence.shape[0]
     if len(set(lengths.values())) != 1:
         raise ValueError(f"length mismatch: {lengths}")
 
-    header = ["id", "cluster", "distance"] + (["label"] if labels is not None else [])
+    header = (["id", "cluster", "distance"] + (["label"] if labels is not None else [])
+              + (["confidence"] if confidence is not None else []))
     path = os.fspath(path)
     with atomic_output(path, newline="") as f:
         writer = csv.writer(f)
@@ -74,6 +83,8 @@ def write_assignments(path, ids, assignments, distances, labels=None) -> str:
             row = [_to_id(ids[i]), int(assignments[i]), str(distances[i])]
             if labels is not None:
                 row.append(labels[i])
+            if confidence is not None:
+                row.append(str(confidence[i]))
             writer.writerow(row)
     return path
 
@@ -83,7 +94,7 @@ def read_assignments(path) -> list[dict]:
 
     Returns one dict per row: ``id`` (int when it is a decimal integer, else
     str), ``cluster`` (int), ``distance`` (float) and, when present, ``label``
-    (int when it is a decimal integer, else str).
+    (int when it is a decimal integer, else str) and ``confidence`` (float).
     """
     with open(os.fspath(path), newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -96,5 +107,7 @@ def read_assignments(path) -> list[dict]:
             }
             if "label" in rec:
                 row["label"] = _parse_scalar(rec["label"])
+            if "confidence" in rec:
+                row["confidence"] = float(rec["confidence"])
             rows.append(row)
     return rows

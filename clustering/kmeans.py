@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-__all__ = ["KMeansResult", "kmeans", "l2_normalize"]
+__all__ = ["ClusterResult", "KMeansResult", "kmeans", "l2_normalize", "margin_confidence"]
 
 # Rows per block when recomputing exact distances; bounds the temporary
 # (block, D) difference matrices to ~200 MiB for D <= 1024.
@@ -19,18 +19,43 @@ _DIST_BLOCK = 16384
 
 
 @dataclass
-class KMeansResult:
-    """Outcome of :func:`kmeans`.
+class ClusterResult:
+    """Outcome of :func:`kmeans` and :func:`clustering.gmm.gmm`: one shape for every clustering algorithm.
 
-    ``distances`` are plain Euclidean (not squared) so they can be used directly
-    for "nearest to centroid" rankings and written to assignment CSVs;
-    ``inertia`` is the usual k-means objective (sum of *squared* distances).
+    ``distances`` are plain Euclidean (not squared) from each point to its assigned centroid (a GMM's component
+    mean), in the space that was clustered, so they can be used directly for "nearest to centroid" rankings and
+    written to assignment CSVs; ``inertia`` is the sum of their squares (the k-means objective).
+    ``confidence`` in [0, 1] says how sure the assignment is, low near a boundary between clusters: for k-means
+    the relative margin ``1 - d1 / d2`` between the distances to the nearest and second-nearest centroid
+    (:func:`margin_confidence`), for a GMM the posterior probability of the assigned component. ``bic`` and
+    ``converged`` are set by GMMs only.
     """
 
     assignments: np.ndarray  # int64, (N,)
     distances: np.ndarray  # float32, (N,)
     centroids: np.ndarray  # float32, (k, D)
     inertia: float
+    confidence: np.ndarray | None = None  # float32, (N,), in [0, 1]
+    bic: float | None = None
+    converged: bool | None = None
+
+
+# The name callers used before GMMs returned the same type.
+KMeansResult = ClusterResult
+
+
+def margin_confidence(d1: np.ndarray, d2: np.ndarray) -> np.ndarray:
+    """``1 - d1 / d2`` clipped to [0, 1] (float32): 1 at a centroid, 0 midway between the two nearest centroids.
+
+    ``d1`` / ``d2`` are the (non-squared) distances to the nearest and second-nearest centroid. Being a ratio it
+    does not depend on the scale of the space, so it reads the same on pixels, embeddings and UMAP coordinates.
+    Where both are 0 (a point on two coinciding centroids) the assignment is a coin toss: 0.
+    """
+    d1 = np.asarray(d1, dtype=np.float64)
+    d2 = np.asarray(d2, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        conf = np.where(d2 > 0, 1.0 - d1 / np.where(d2 > 0, d2, 1.0), 0.0)
+    return np.clip(conf, 0.0, 1.0).astype(np.float32)
 
 
 def l2_normalize(x: np.ndarray, *, dtype: np.dtype | type = np.float32) -> np.ndarray:
@@ -78,7 +103,7 @@ def kmeans(
     use_gpu: bool | None = None,
     max_points_per_centroid: int | None = None,
     init_centroids=None,
-) -> KMeansResult:
+) -> ClusterResult:
     """Cluster the rows of ``x`` into ``k`` groups with ``faiss.Kmeans``.
 
     Args:
@@ -101,8 +126,8 @@ def kmeans(
             with ``nredo > 1`` every run starts from them.
 
     Returns:
-        :class:`KMeansResult` with the final assignment of every point to its
-        nearest centroid.
+        :class:`ClusterResult` with the final assignment of every point to its
+        nearest centroid and its margin confidence (1.0 everywhere when k == 1).
 
     Raises:
         ValueError: x is not 2-D / has no columns / has non-finite values, or
@@ -173,12 +198,21 @@ def kmeans(
     if gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(centroids)
-    _, idx = index.search(x, 1)
-    assignments = idx.ravel().astype(np.int64)
+    nearest = min(2, k)
+    _, idx = index.search(x, nearest)
+    assignments = idx[:, 0].astype(np.int64)
 
     sq = _exact_sq_distances(x, centroids, assignments)
     distances = np.sqrt(sq).astype(np.float32)
+    if k >= 2:
+        # the second-nearest centroid's exact distance; where faiss' expanded distances misorder a near-tie
+        # (sq2 < sq) the margin clips to 0, which is what a tie is
+        sq2 = _exact_sq_distances(x, centroids, idx[:, 1].astype(np.int64))
+        confidence = margin_confidence(np.sqrt(sq), np.sqrt(sq2))
+    else:
+        confidence = np.ones(n, dtype=np.float32)
     inertia = float(sq.sum())
-    return KMeansResult(
-        assignments=assignments, distances=distances, centroids=centroids, inertia=inertia
+    return ClusterResult(
+        assignments=assignments, distances=distances, centroids=centroids, inertia=inertia,
+        confidence=confidence,
     )

@@ -17,7 +17,7 @@ import numpy as np
 
 from .files import atomic_output
 
-__all__ = ["embedding_2d", "scatter_plot", "cluster_grid", "cluster_pages", "silhouette_plot"]
+__all__ = ["embedding_2d", "scatter_plot", "cluster_grid", "cluster_pages", "image_page", "silhouette_plot"]
 
 # Grid geometry (pixels).
 _PAD = 4  # gap between tiles and around the mosaic
@@ -424,6 +424,50 @@ def cluster_pages(
         path = os.path.join(folder, f"cluster_{c:0{width_digits}d}.png")
         paths.append(_save(path, lambda f, img=img: img.save(f, format="PNG")))
     return paths
+
+
+def image_page(images, index, path, *, title: str, captions=None, columns: int = 12) -> str:
+    """Write one PNG of the images ``index`` (in that order), row by row under ``title``, each tile with up to
+    two caption lines (``captions[j]``: a string, lines split on newline). E.g. the least confident images
+    of a clustering, captioned with their cluster and confidence.
+
+    Returns ``path`` as str.
+    """
+    from PIL import Image, ImageDraw
+
+    images, (n, _, h, w) = _image_rows(images, "image_page")
+    index = np.asarray(index, dtype=np.int64).ravel()
+    if index.size and (index.min() < 0 or index.max() >= n):
+        raise ValueError(f"image_page: index out of range for {n} images")
+    if columns < 1:
+        raise ValueError(f"image_page: columns must be >= 1, got {columns}")
+    lines = None
+    if captions is not None:
+        lines = [str(c).split("\n")[:2] for c in captions]
+        if len(lines) != index.size:
+            raise ValueError(f"image_page: {len(lines)} captions for {index.size} images")
+    scale = max(1, math.ceil(_MIN_TILE / h))
+    th, tw = h * scale, w * scale
+    font = _font()
+    line_h = int(math.ceil(font.getbbox("Ag")[3])) + 2
+    cap_h = line_h * max((len(c) for c in lines), default=0) if lines else 0
+    cols = min(columns, max(1, index.size))
+    rows = max(1, math.ceil(index.size / cols))
+    title_h = line_h + _PAD
+    width = max(_PAD + cols * (tw + _PAD), 2 * _PAD + _text_w(font, title))
+    height = _PAD + title_h + rows * (th + cap_h + _PAD)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    origins = [(_PAD + title_h + (j // cols) * (th + cap_h + _PAD), _PAD + (j % cols) * (tw + _PAD))
+               for j in range(index.size)]
+    for (y0, x0), tile in zip(origins, _tiles(_rows(images, index), scale) if index.size else []):
+        canvas[y0 : y0 + th, x0 : x0 + tw] = tile
+    img = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(img)
+    draw.text((_PAD, _PAD), title, fill=(0, 0, 0), font=font)
+    for (y0, x0), caption in zip(origins, lines or []):
+        for k, text in enumerate(caption):
+            draw.text((x0, y0 + th + k * line_h), _fit(font, text, tw), fill=(60, 60, 60), font=font)
+    return _save(path, lambda f: img.save(f, format="PNG"))
 
 
 # --------------------------------------------------------------------------- choosing k

@@ -431,6 +431,24 @@ class EvaluateStage(StageBase):
         1, ge=1, le=100, description="k-means runs from different seeds; the lowest-inertia one is kept (NMI of "
         "a single run varies by a few points between seeds)",
     )
+    cluster_space: Literal["embedding", "umap"] = Field(
+        "embedding", description="umap: cluster UMAP coordinates of the embedding (N2D); plain k-means on the "
+        "embedding is reported next to it as embedding_kmeans_*",
+    )
+    cluster_algorithm: Literal["kmeans", "gmm"] = Field(
+        "kmeans", description="gmm: a Gaussian mixture (full covariance up to 32 dimensions, else diagonal); "
+        "confidence is the assigned component's posterior",
+    )
+    umap_components: int = Field(10, ge=2, le=100, description="cluster_space: umap: UMAP dimensions")
+    umap_neighbors: int = Field(15, ge=2, le=200, description="cluster_space: umap: UMAP n_neighbors")
+    umap_fit_sample: int = Field(
+        20_000, ge=100, description="cluster_space: umap: UMAP is fitted on a seeded sample of at most this many "
+        "images and places the rest with transform",
+    )
+    gmm_iterations: int = Field(100, ge=1, le=10_000, description="cluster_algorithm: gmm: EM iterations per run")
+    uncertain_images: int = Field(
+        64, ge=1, le=400, description="uncertain.png: the least confident images of the clustering",
+    )
     retrieval: bool = Field(False, description="Recall@K, R-precision, MAP@R and mAP of the evaluation split")
     retrieval_distance: Literal["euclidean", "cosine", "mahalanobis"] = Field(
         "cosine", description="mahalanobis: whitening (mean, shrunk inverse sqrt covariance) fitted on the train split"

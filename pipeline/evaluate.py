@@ -176,6 +176,133 @@ def _two_d_plot(method: str, feats: np.ndarray, assignments: np.ndarray, evalset
     return str(plot), time.time() - t0
 
 
+_METRIC_NAMES = (("nmi", "NMI"), ("ari", "ARI"), ("cluster_accuracy", "accuracy"), ("purity", "purity"),
+                 ("pair_f1", "pair F1"))
+LEAST_CONFIDENT_LISTED = 5  # per cluster, in the report's table
+
+
+def _method_name(stage: EvaluateStage, dim: int) -> str:
+    """How the chosen clustering reads in logs and the report, e.g. "GMM (full covariance) on UMAP-10"."""
+    from clustering.gmm import default_covariance
+
+    if stage.cluster_algorithm == "gmm":
+        method = f"GMM ({default_covariance(dim)} covariance)"
+    else:
+        method = f"{'spherical ' if stage.spherical_kmeans and stage.cluster_space == 'embedding' else ''}k-means"
+    return method + (f" on UMAP-{stage.umap_components}" if stage.cluster_space == "umap" else "")
+
+
+def _cluster(stage: EvaluateStage, feats: np.ndarray, evalset: ImageSet, out_dir: Path, seed: int,
+             log: Callable[[str], None], metrics: dict, artifacts: dict, figures: list, tables: dict):
+    """The chosen clustering of the L2-normalized features: (result, k), its metrics added to `metrics`.
+
+    `cluster_space: umap` clusters UMAP coordinates of `feats` (cosine; saved as cluster_space.npy), where
+    spherical k-means does not apply (the coordinates are not directions). `cluster_algorithm: gmm` fits a
+    Gaussian mixture. Either way plain k-means on the embedding is run too, with the same k, and reported as
+    embedding_kmeans_* next to the chosen one; the unprefixed metrics (nmi, ...) are the chosen clustering's.
+    """
+    from clustering import choose_k, cluster_metrics, gmm, kmeans, silhouette_plot, umap_reduce
+
+    name = stage.name
+    umap_space = stage.cluster_space == "umap"
+    use_gmm = stage.cluster_algorithm == "gmm"
+    spherical = bool(stage.spherical_kmeans) and not umap_space
+    space = feats
+    if umap_space:
+        t0 = time.time()
+        space, fitted = umap_reduce(feats, stage.umap_components, metric="cosine", n_neighbors=stage.umap_neighbors,
+                                    fit_sample=stage.umap_fit_sample, seed=seed)
+        metrics["cluster_umap_time_s"] = time.time() - t0
+        metrics["cluster_umap_fit_points"] = float(fitted.size)
+        np.save(out_dir / "cluster_space.npy", space)
+        artifacts["cluster_space"] = str(out_dir / "cluster_space.npy")
+        log(f"[{name}] UMAP to {stage.umap_components}-d (cosine, {stage.umap_neighbors} neighbours) fitted on "
+            f"{fitted.size} of {len(feats)} images in {metrics['cluster_umap_time_s']:.1f}s")
+    method = _method_name(stage, space.shape[1])
+    iterations = stage.gmm_iterations if use_gmm else stage.kmeans_iterations
+
+    t0 = time.time()
+    if stage.clusters == "auto":
+        rng = stage.choose_k or EvaluateStage.ChooseK()
+        chosen = choose_k(space, rng.min, min(rng.max, len(feats) - 1), spherical=spherical, niter=iterations,
+                          seed=seed, algorithm=stage.cluster_algorithm)
+        k, result = chosen.k, chosen.result
+        metrics["silhouette"] = chosen.silhouettes[k]
+        plot = silhouette_plot(chosen.silhouettes, k, out_dir / "silhouette_vs_k.png",
+                               title=f"{name}: silhouette vs k ({method})")
+        artifacts["silhouette_vs_k"] = str(plot)
+        figures.append(("silhouette vs k", str(plot)))
+        header, rows = ["k", "silhouette"], [[kk, v] for kk, v in chosen.silhouettes.items()]
+        if chosen.bics:
+            header, rows = header + ["BIC"], [row + [chosen.bics[row[0]]] for row in rows]
+        tables["Choosing k"] = (header, rows)
+        log(f"[{name}] chose k={k} by silhouette ({method}) over k={min(chosen.silhouettes)}.."
+            f"{max(chosen.silhouettes)}: " + "  ".join(f"{kk}:{v:.3f}" for kk, v in chosen.silhouettes.items()))
+    else:
+        k = stage.clusters or (len(np.unique(evalset.labels)) if evalset.labels is not None else 10)
+        k = min(k, len(feats))
+        if use_gmm:
+            result = gmm(space, k, max_iter=iterations, n_init=stage.kmeans_restarts, seed=seed)
+        else:
+            result = kmeans(space, k, niter=iterations, nredo=stage.kmeans_restarts, seed=seed, spherical=spherical)
+    elapsed = time.time() - t0
+    if use_gmm:
+        metrics.update(gmm_time_s=elapsed, gmm_bic=float(result.bic), gmm_converged=float(bool(result.converged)))
+        if not result.converged:
+            log(f"[{name}] WARNING: the GMM did not converge in gmm_iterations: {iterations}")
+    else:
+        metrics.update(kmeans_time_s=elapsed, kmeans_inertia=float(result.inertia))
+    metrics["clusters"] = float(k)
+    metrics["confidence_mean"] = float(np.mean(result.confidence))
+    if evalset.labels is not None:
+        metrics.update(cluster_metrics(evalset.labels, result.assignments))
+        log(f"[{name}] {method} (k={k}): " + "  ".join(f"{label} {metrics[key]:.4f}" for key, label in _METRIC_NAMES))
+
+    if umap_space or use_gmm:  # the plain k-means on the embedding, next to the chosen clustering
+        t0 = time.time()
+        plain = kmeans(feats, k, niter=stage.kmeans_iterations, nredo=stage.kmeans_restarts, seed=seed,
+                       spherical=bool(stage.spherical_kmeans))
+        metrics["embedding_kmeans_time_s"] = time.time() - t0
+        metrics["embedding_kmeans_inertia"] = float(plain.inertia)
+        if evalset.labels is not None:
+            plain_metrics = cluster_metrics(evalset.labels, plain.assignments)
+            metrics.update({f"embedding_kmeans_{key}": value for key, value in plain_metrics.items()})
+            plain_method = f"{'spherical ' if stage.spherical_kmeans else ''}k-means on the embedding"
+            log(f"[{name}] {plain_method} (k={k}): "
+                + "  ".join(f"{label} {plain_metrics[key]:.4f}" for key, label in _METRIC_NAMES))
+            tables["Chosen clustering and plain k-means"] = (
+                ["clustering"] + [label for _, label in _METRIC_NAMES],
+                [[f"{method} (chosen)"] + [metrics[key] for key, _ in _METRIC_NAMES],
+                 [plain_method] + [plain_metrics[key] for key, _ in _METRIC_NAMES]],
+            )
+    return result, k
+
+
+def _uncertain_page(stage: EvaluateStage, evalset: ImageSet, result, class_names, out_dir: Path) -> str:
+    """uncertain.png: the `stage.uncertain_images` least confident images, least first, each captioned with
+    its cluster and confidence (and class when known)."""
+    from clustering import image_page
+
+    order = np.argsort(result.confidence, kind="stable")[: stage.uncertain_images]
+    captions = [f"c{int(result.assignments[i])} {float(result.confidence[i]):.2f}"
+                + (f"\n{class_names[i]}" if class_names is not None else "") for i in order]
+    return image_page(evalset.images, order, out_dir / "uncertain.png", captions=captions,
+                      title=f"{stage.name}: the {len(order)} least confident of {len(evalset)} images "
+                            "(cluster, confidence)")
+
+
+def _least_confident_table(ids, result, k: int) -> tuple[list[str], list[list]]:
+    """Per cluster: size, mean confidence and the ids of its least confident members (with confidence)."""
+    rows = []
+    for c in range(k):
+        members = np.flatnonzero(result.assignments == c)
+        worst = members[np.argsort(result.confidence[members], kind="stable")[:LEAST_CONFIDENT_LISTED]]
+        listed = ", ".join(f"{ids[i]} ({float(result.confidence[i]):.2f})" for i in worst)
+        mean = float(result.confidence[members].mean()) if members.size else float("nan")
+        rows.append([c, int(members.size), mean, listed])
+    return ["cluster", "size", "mean confidence", "least confident (id, confidence)"], rows
+
+
 def evaluate(
     stage: EvaluateStage,
     *,
@@ -191,8 +318,7 @@ def evaluate(
     Artifacts are files directly in `out_dir` plus the `clusters/` folder of per-cluster pages, the layout
     the HTML report links to (the runner logs folders under their own name, files at the artifact root).
     """
-    from clustering import (choose_k, cluster_grid, cluster_metrics, cluster_pages, kmeans, l2_normalize,
-                            silhouette_plot, write_assignments)
+    from clustering import cluster_grid, cluster_pages, l2_normalize, write_assignments
     from downstream.knn import knn_accuracy
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,47 +371,22 @@ def evaluate(
                              retrieval_gallery=stage.retrieval_gallery,
                              retrieval_excluded_matches=int(metrics["retrieval_excluded_matches"]))
 
-    spherical = bool(stage.spherical_kmeans)
     feats = l2_normalize(eval_x)
-    t0 = time.time()
-    if stage.clusters == "auto":
-        rng = stage.choose_k or EvaluateStage.ChooseK()
-        chosen = choose_k(feats, rng.min, min(rng.max, len(eval_x) - 1), spherical=spherical,
-                          niter=stage.kmeans_iterations, seed=seed)
-        k, km = chosen.k, chosen.result
-        metrics["silhouette"] = chosen.silhouettes[k]
-        plot = silhouette_plot(chosen.silhouettes, k, out_dir / "silhouette_vs_k.png",
-                               title=f"{name}: silhouette vs k")
-        artifacts["silhouette_vs_k"] = str(plot)
-        figures.append(("silhouette vs k", str(plot)))
-        tables["Choosing k"] = (["k", "silhouette"], [[kk, v] for kk, v in chosen.silhouettes.items()])
-        log(f"[{name}] chose k={k} by silhouette over k={min(chosen.silhouettes)}..{max(chosen.silhouettes)}: "
-            + "  ".join(f"{kk}:{v:.3f}" for kk, v in chosen.silhouettes.items()))
-    else:
-        k = stage.clusters or (len(np.unique(evalset.labels)) if evalset.labels is not None else 10)
-        k = min(k, len(eval_x))
-        km = kmeans(feats, k, niter=stage.kmeans_iterations, nredo=stage.kmeans_restarts, seed=seed,
-                    spherical=spherical)
-    metrics["kmeans_time_s"] = time.time() - t0
-    metrics["kmeans_inertia"] = float(km.inertia)
-    metrics["clusters"] = float(k)
-    if evalset.labels is not None:
-        metrics.update(cluster_metrics(evalset.labels, km.assignments))
-        log(
-            f"[{name}] {'spherical ' if spherical else ''}k-means (k={k}): NMI {metrics['nmi']:.4f}  "
-            f"ARI {metrics['ari']:.4f}  accuracy {metrics['cluster_accuracy']:.4f}  purity {metrics['purity']:.4f}  "
-            f"pair F1 {metrics['pair_f1']:.4f}"
-        )
+    km, k = _cluster(stage, feats, evalset, out_dir, seed, log, metrics, artifacts, figures, tables)
 
     ids = evalset.ids if evalset.ids is not None else list(range(len(evalset)))
     assignments = out_dir / "assignments.csv"
-    write_assignments(assignments, ids, km.assignments, km.distances, labels=evalset.labels)
+    write_assignments(assignments, ids, km.assignments, km.distances, labels=evalset.labels,
+                      confidence=km.confidence)
     artifacts["assignments"] = str(assignments)
     class_names = _class_names(evalset)
     grid = cluster_grid(evalset.images, km.assignments, km.distances, out_dir / "cluster_grid.png",
                         per_cluster=stage.grid_per_cluster, clusters=range(k), class_names=class_names)
     artifacts["cluster_grid"] = str(grid)
     figures.append(("clusters: the members nearest each centroid", str(grid)))
+    artifacts["uncertain"] = _uncertain_page(stage, evalset, km, class_names, out_dir)
+    figures.append(("the least confident images (cluster and confidence under each)", artifacts["uncertain"]))
+    tables["Least confident images per cluster"] = _least_confident_table(ids, km, k)
     for stale in (out_dir / "clusters").glob("cluster_*.png"):  # a rerun with fewer clusters
         stale.unlink()
     pages = cluster_pages(evalset.images, km.assignments, km.distances, out_dir / "clusters", clusters=range(k),
@@ -321,7 +422,8 @@ def evaluate(
             out_dir / "report.html", title=f"{name}: evaluation of {source}", metrics=metrics,
             figures=figures, tables=tables,
             pages=[(f"cluster {c}", p) for c, p in zip(range(k), pages)],
-            links=[("cluster assignments (CSV)", str(assignments)), ("metrics (JSON)", artifacts["metrics"])],
+            links=[("cluster assignments (CSV)", str(assignments)), ("metrics (JSON)", artifacts["metrics"]),
+                   ("the least confident images (PNG)", artifacts["uncertain"])],
         )
         artifacts["report"] = str(report)
         log(f"[{name}] report: {report}")

@@ -73,6 +73,10 @@ def test_execution_settings_keep_the_key(stage, path, value):
     ("simclr", "backbone.image_size", 32),
     ("ev", "ev.knn_k", 5),
     ("ev", "ev.retrieval", True),
+    ("ev", "ev.cluster_space", "umap"),
+    ("ev", "ev.cluster_algorithm", "gmm"),
+    ("ev", "ev.umap_components", 5),
+    ("ev", "ev.umap_fit_sample", 5000),
 ])
 def test_result_settings_change_the_key(stage, path, value):
     assert _fp(stage, _set(path, value)) != _fp(stage)

@@ -84,6 +84,9 @@ def test_metrics_of_a_full_run(full_run):
     assert written.pop("exclusion")["knn_rule"] == "pixels"  # which rule kept self-matches out (no ids here)
     assert written == pytest.approx(metrics)
     assert any("chose k=4" in line for line in lines)
+    # defaults (embedding space, k-means): no second clustering and none of its metrics
+    assert not any(key.startswith(("embedding_kmeans_", "gmm_", "cluster_umap_")) for key in metrics)
+    assert 0.0 <= metrics["confidence_mean"] <= 1.0
     assert any("pair F1" in line for line in lines)
     np.testing.assert_allclose(np.linalg.norm(np.load(artifacts["centroids"]), axis=1), 1.0, atol=1e-5)
 
@@ -91,7 +94,7 @@ def test_metrics_of_a_full_run(full_run):
 def test_artifacts_of_a_full_run(full_run):
     out, _, artifacts, _ = full_run
     for key in ("assignments", "cluster_grid", "clusters", "tsne", "umap", "silhouette_vs_k", "report",
-                "embeddings", "centroids", "metrics"):
+                "embeddings", "centroids", "metrics", "uncertain"):
         assert Path(artifacts[key]).exists(), key
     pages = sorted(p.name for p in (out / "clusters").glob("*.png"))
     assert pages == [f"cluster_{c:03d}.png" for c in range(4)]
@@ -105,7 +108,8 @@ def test_html_report_of_a_full_run(full_run):
     text = Path(artifacts["report"]).read_text()
     refs = set(re.findall(r'(?:src|href)="([^"]+)"', text))
     assert {"tsne.png", "umap.png", "silhouette_vs_k.png", "cluster_grid.png", "assignments.csv",
-            "metrics.json"} <= refs
+            "metrics.json", "uncertain.png"} <= refs
+    assert "Least confident images per cluster" in text
     assert {f"clusters/cluster_{c:03d}.png" for c in range(4)} <= refs
     assert all((out / r).is_file() for r in refs)
     for key in ("nmi", "pair_f1", "map_at_r", "recall_at_1", "silhouette", "kmeans_inertia"):
@@ -163,6 +167,10 @@ def test_rerun_with_fewer_clusters_leaves_no_stale_pages(tmp_path):
     ({"choose_k": {"min": 2, "maxk": 3}}, "stages[ev].choose_k.maxk: unknown key"),
     ({"clusters": 4, "choose_k": {"min": 2}}, "choose_k applies to clusters: auto, but clusters is 4"),
     ({"mahalanobis_shrinkage": 1.5}, "stages[ev].mahalanobis_shrinkage: mahalanobis_shrinkage must be in [0, 1]"),
+    ({"cluster_space": "tsne"}, "stages[ev].cluster_space: Input should be 'embedding' or 'umap'"),
+    ({"cluster_algorithm": "dbscan"}, "stages[ev].cluster_algorithm: Input should be 'kmeans' or 'gmm'"),
+    ({"umap_components": 1}, "stages[ev].umap_components:"),
+    ({"umap_fit_sample": 10}, "stages[ev].umap_fit_sample:"),
 ])
 def test_bad_evaluate_keys_name_the_key(overrides, message):
     from pipeline.config import ConfigError, validate_config
