@@ -278,17 +278,46 @@ def _cluster(stage: EvaluateStage, feats: np.ndarray, evalset: ImageSet, out_dir
     return result, k
 
 
-def _uncertain_page(stage: EvaluateStage, evalset: ImageSet, result, class_names, out_dir: Path) -> str:
-    """uncertain.png: the `stage.uncertain_images` least confident images, least first, each captioned with
-    its cluster and confidence (and class when known)."""
+def _uncertain_page(name: str, count: int, evalset: ImageSet, result, class_names, out_dir: Path) -> str:
+    """uncertain.png: the `count` least confident images, least first, each captioned with its cluster and
+    confidence (and class when known)."""
     from clustering import image_page
 
-    order = np.argsort(result.confidence, kind="stable")[: stage.uncertain_images]
+    order = np.argsort(result.confidence, kind="stable")[:count]
     captions = [f"c{int(result.assignments[i])} {float(result.confidence[i]):.2f}"
                 + (f"\n{class_names[i]}" if class_names is not None else "") for i in order]
     return image_page(evalset.images, order, out_dir / "uncertain.png", captions=captions,
-                      title=f"{stage.name}: the {len(order)} least confident of {len(evalset)} images "
+                      title=f"{name}: the {len(order)} least confident of {len(evalset)} images "
                             "(cluster, confidence)")
+
+
+def cluster_outputs(name: str, evalset: ImageSet, result, k: int, out_dir: Path, *, per_cluster: int,
+                    per_page: int, uncertain: int, artifacts: dict, figures: list, tables: dict) -> list[str]:
+    """What a user acts on, for any clustering of the evaluation split (k-means, GMM, SCAN): assignments.csv
+    with a confidence per image, the grid of each cluster's most central members, the least confident images
+    (a page and a per-cluster table) and one page per cluster, whose paths it returns. Adds to `artifacts`,
+    `figures` and `tables` for the report."""
+    from clustering import cluster_grid, cluster_pages, write_assignments
+
+    ids = evalset.ids if evalset.ids is not None else list(range(len(evalset)))
+    assignments = out_dir / "assignments.csv"
+    write_assignments(assignments, ids, result.assignments, result.distances, labels=evalset.labels,
+                      confidence=result.confidence)
+    artifacts["assignments"] = str(assignments)
+    class_names = _class_names(evalset)
+    grid = cluster_grid(evalset.images, result.assignments, result.distances, out_dir / "cluster_grid.png",
+                        per_cluster=per_cluster, clusters=range(k), class_names=class_names)
+    artifacts["cluster_grid"] = str(grid)
+    figures.append(("clusters: the members nearest each centroid", str(grid)))
+    artifacts["uncertain"] = _uncertain_page(name, uncertain, evalset, result, class_names, out_dir)
+    figures.append(("the least confident images (cluster and confidence under each)", artifacts["uncertain"]))
+    tables["Least confident images per cluster"] = _least_confident_table(ids, result, k)
+    for stale in (out_dir / "clusters").glob("cluster_*.png"):  # a rerun with fewer clusters
+        stale.unlink()
+    pages = cluster_pages(evalset.images, result.assignments, result.distances, out_dir / "clusters",
+                          clusters=range(k), per_page=per_page, class_names=class_names)
+    artifacts["clusters"] = str(out_dir / "clusters")
+    return pages
 
 
 def _least_confident_table(ids, result, k: int) -> tuple[list[str], list[list]]:
@@ -318,7 +347,7 @@ def evaluate(
     Artifacts are files directly in `out_dir` plus the `clusters/` folder of per-cluster pages, the layout
     the HTML report links to (the runner logs folders under their own name, files at the artifact root).
     """
-    from clustering import cluster_grid, cluster_pages, l2_normalize, write_assignments
+    from clustering import l2_normalize
     from downstream.knn import knn_accuracy
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -374,24 +403,9 @@ def evaluate(
     feats = l2_normalize(eval_x)
     km, k = _cluster(stage, feats, evalset, out_dir, seed, log, metrics, artifacts, figures, tables)
 
-    ids = evalset.ids if evalset.ids is not None else list(range(len(evalset)))
-    assignments = out_dir / "assignments.csv"
-    write_assignments(assignments, ids, km.assignments, km.distances, labels=evalset.labels,
-                      confidence=km.confidence)
-    artifacts["assignments"] = str(assignments)
-    class_names = _class_names(evalset)
-    grid = cluster_grid(evalset.images, km.assignments, km.distances, out_dir / "cluster_grid.png",
-                        per_cluster=stage.grid_per_cluster, clusters=range(k), class_names=class_names)
-    artifacts["cluster_grid"] = str(grid)
-    figures.append(("clusters: the members nearest each centroid", str(grid)))
-    artifacts["uncertain"] = _uncertain_page(stage, evalset, km, class_names, out_dir)
-    figures.append(("the least confident images (cluster and confidence under each)", artifacts["uncertain"]))
-    tables["Least confident images per cluster"] = _least_confident_table(ids, km, k)
-    for stale in (out_dir / "clusters").glob("cluster_*.png"):  # a rerun with fewer clusters
-        stale.unlink()
-    pages = cluster_pages(evalset.images, km.assignments, km.distances, out_dir / "clusters", clusters=range(k),
-                          per_page=stage.cluster_page_images, class_names=class_names)
-    artifacts["clusters"] = str(out_dir / "clusters")
+    pages = cluster_outputs(name, evalset, km, k, out_dir, per_cluster=stage.grid_per_cluster,
+                            per_page=stage.cluster_page_images, uncertain=stage.uncertain_images,
+                            artifacts=artifacts, figures=figures, tables=tables)
     if not isinstance(eval_x, np.memmap):  # embedded on the cluster straight into that file
         np.save(out_dir / "embeddings.npy", eval_x)
     artifacts["embeddings"] = str(out_dir / "embeddings.npy")
@@ -422,7 +436,7 @@ def evaluate(
             out_dir / "report.html", title=f"{name}: evaluation of {source}", metrics=metrics,
             figures=figures, tables=tables,
             pages=[(f"cluster {c}", p) for c, p in zip(range(k), pages)],
-            links=[("cluster assignments (CSV)", str(assignments)), ("metrics (JSON)", artifacts["metrics"]),
+            links=[("cluster assignments (CSV)", artifacts["assignments"]), ("metrics (JSON)", artifacts["metrics"]),
                    ("the least confident images (PNG)", artifacts["uncertain"])],
         )
         artifacts["report"] = str(report)

@@ -179,4 +179,6 @@ def test_cluster_stage_learns_the_classes_and_self_labelling_keeps_them(tmp_path
     assert labelled["nmi"] >= plain["nmi"] - 0.02, (plain["nmi"], labelled["nmi"])
     rows = read_assignments(summary["stages"]["scan_selflabel"]["artifacts"]["assignments"])
     assert len(rows) == 96
-    assert all(0.0 <= 1.0 - float(r["distance"]) <= 1.0 for r in rows)
+    confidence = np.array([float(r["confidence"]) for r in rows])
+    assert ((confidence >= 0) & (confidence <= 1)).all()
+    np.testing.assert_allclose(confidence, 1.0 - np.array([float(r["distance"]) for r in rows]), atol=1e-5)

@@ -66,41 +66,43 @@ class ClusterExecutor(TrainingExecutor):
 
 
 def assign(ctx: RunContext, stage: ClusterStage, model: Path, out_dir: Path) -> tuple[dict, dict]:
-    """The cluster model's assignments of the evaluation split: probabilities, confidence, metrics, files."""
-    from clustering import cluster_grid, cluster_metrics, cluster_pages, html_report, write_assignments
-    from pipeline.evaluate import backbone_features
+    """The cluster model's assignments of the evaluation split (the kept head's most probable cluster, its
+    probability as the confidence), metrics, and the files an evaluate stage writes (pipeline.evaluate)."""
+    from clustering import ClusterResult, cluster_metrics, html_report
+    from pipeline.config import EvaluateStage
+    from pipeline.evaluate import backbone_features, cluster_outputs
 
     evalset = ctx.evalset
+    out_dir.mkdir(parents=True, exist_ok=True)
     probs = np.asarray(backbone_features(model, evalset.images, batch_size=512))
-    assignments = probs.argmax(axis=1)
-    confidence = probs.max(axis=1)
-    sizes = np.bincount(assignments, minlength=probs.shape[1]) / len(assignments)
+    confidence = probs.max(axis=1).astype(np.float32)
+    result = ClusterResult(assignments=probs.argmax(axis=1).astype(np.int64), distances=1.0 - confidence,
+                           centroids=np.eye(probs.shape[1], dtype=np.float32), inertia=0.0, confidence=confidence)
+    sizes = np.bincount(result.assignments, minlength=probs.shape[1]) / len(probs)
     metrics = {
         "confident_share": float((confidence > stage.settings["confidence_threshold"]).mean()),
-        "mean_confidence": float(confidence.mean()),
+        "confidence_mean": float(confidence.mean()),
         "cluster_size_entropy": float(-(sizes[sizes > 0] * np.log(sizes[sizes > 0])).sum()),
         "clusters_used": float((sizes > 0).sum()),
     }
     if evalset.labels is not None:
-        metrics.update(cluster_metrics(evalset.labels, assignments))
+        metrics.update(cluster_metrics(evalset.labels, result.assignments))
         ctx.log(f"[{stage.name}] SCAN clusters: NMI {metrics['nmi']:.4f}  ARI {metrics['ari']:.4f}  accuracy "
                 f"{metrics['cluster_accuracy']:.4f}; {metrics['confident_share']:.3f} of images above the threshold")
-    ids = evalset.ids if evalset.ids is not None else list(range(len(evalset)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    artifacts = {"assignments": write_assignments(out_dir / "assignments.csv", ids, assignments, 1.0 - confidence,
-                                                  labels=evalset.labels)}
+    artifacts: dict[str, str] = {}
+    figures: list[tuple[str, str]] = []
+    tables: dict = {}
+    defaults = EvaluateStage(name="defaults", kind="evaluate", input="pixels")
+    pages = cluster_outputs(stage.name, evalset, result, probs.shape[1], out_dir,
+                            per_cluster=defaults.grid_per_cluster, per_page=defaults.cluster_page_images,
+                            uncertain=defaults.uncertain_images, artifacts=artifacts, figures=figures, tables=tables)
     np.save(out_dir / "probabilities.npy", probs)
     artifacts["probabilities"] = str(out_dir / "probabilities.npy")
-    clusters = range(probs.shape[1])
-    artifacts["cluster_grid"] = str(cluster_grid(evalset.images, assignments, 1.0 - confidence,
-                                                 out_dir / "cluster_grid.png", clusters=clusters))
-    pages = cluster_pages(evalset.images, assignments, 1.0 - confidence, out_dir / "clusters", clusters=clusters)
-    artifacts["clusters"] = str(out_dir / "clusters")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     artifacts["metrics"] = str(out_dir / "metrics.json")
     artifacts["report"] = str(html_report(
-        out_dir / "report.html", title=f"{stage.name}: SCAN clusters", metrics=metrics,
-        figures=[("clusters: the most confident members of each", artifacts["cluster_grid"])], tables={},
-        pages=[(f"cluster {c}", p) for c, p in zip(clusters, pages)],
-        links=[("cluster assignments (CSV)", artifacts["assignments"]), ("metrics (JSON)", artifacts["metrics"])]))
+        out_dir / "report.html", title=f"{stage.name}: SCAN clusters", metrics=metrics, figures=figures,
+        tables=tables, pages=[(f"cluster {c}", p) for c, p in enumerate(pages)],
+        links=[("cluster assignments (CSV)", artifacts["assignments"]), ("metrics (JSON)", artifacts["metrics"]),
+               ("the least confident images (PNG)", artifacts["uncertain"])]))
     return metrics, artifacts
