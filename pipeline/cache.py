@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from pipeline.config import PipelineConfig, StageBase, TrainingStage, result_settings
 from pipeline.context import RunContext
+from pipeline.inputs import teacher_digest
 from pipeline.store import fingerprint, read_record
 
 
@@ -36,7 +37,7 @@ class StagePlan:
 
 
 def stage_fingerprint(config: PipelineConfig, stage: StageBase, *, data: str, upstream: str | None,
-                      evaluation: str | None = None, weights: str | None = None) -> str:
+                      evaluation: str | None = None, weights: str | None = None, teacher: str | None = None) -> str:
     """The cache key of one stage. `evaluation` is the evaluation split's fingerprint when the stage reads it;
     `weights` the sha256 of the file `backbone.pretrained` / `backbone.weights` resolved to (the path of
     `backbone.weights` is not in the key: the same bytes under another name reuse, new bytes at the same path do not)."""
@@ -47,6 +48,8 @@ def stage_fingerprint(config: PipelineConfig, stage: StageBase, *, data: str, up
         parts.append(evaluation)
     if weights is not None:
         parts.append({"weights": weights})
+    if teacher is not None:  # a distillation teacher's content (pipeline.inputs.teacher_digest)
+        parts.append({"teacher": teacher})
     return fingerprint(*parts)
 
 
@@ -85,7 +88,8 @@ class Cache:
         reads_eval = self.ctx.evalset is not None and stage.uses_eval_split()
         weights = self.ctx.weights.source_sha256 if self.ctx.weights is not None else None
         return stage_fingerprint(self.config, stage, data=self.ctx.data_fingerprint, upstream=upstream,
-                                 evaluation=self.ctx.eval_fingerprint if reads_eval else None, weights=weights)
+                                 evaluation=self.ctx.eval_fingerprint if reads_eval else None, weights=weights,
+                                 teacher=teacher_digest(stage))
 
     def forced(self, stage: StageBase) -> bool:
         return self.force or stage.name in self.rerun

@@ -26,17 +26,36 @@ from pipeline.config import PRETRAINED, is_external
 VOLATILE_META = ("created",)  # backbone.json keys that change with every write, not with the model
 
 
+def _update(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
 def artifact_digest(folder: Path) -> str:
     """sha256 of an artifact's weights file and its metadata (without write times): what identifies the model."""
     from pipeline.backbones import META_FILE, WEIGHTS_FILE
 
     h = hashlib.sha256()
-    with open(folder / WEIGHTS_FILE, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    _update(h, folder / WEIGHTS_FILE)
     meta = {k: v for k, v in json.loads((folder / META_FILE).read_text()).items() if k not in VOLATILE_META}
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def teacher_digest(stage: Any) -> str | None:
+    """The content of a distillation teacher (`settings.teacher`: an artifact folder or a weights file), for the
+    stage's cache key: new weights at the same path must not reuse a stage trained on the old ones."""
+    teacher = (getattr(stage, "settings", None) or {}).get("teacher")
+    if not isinstance(teacher, dict):
+        return None
+    if teacher.get("artifact"):
+        return artifact_digest(Path(teacher["artifact"]).expanduser())
+    if teacher.get("weights"):
+        h = hashlib.sha256()
+        _update(h, Path(teacher["weights"]).expanduser())
+        return h.hexdigest()[:16]
+    return None
 
 
 def pretrained_artifact(ctx: Any) -> Path:

@@ -91,3 +91,23 @@ def test_seed_data_upstream_and_evaluation_split_change_the_key():
         assert stage_fingerprint(config, stage, **{**base, key: "x" * 16}) != fp, key
     reseeded = validate_config({**BASE, "seed": 1})
     assert stage_fingerprint(reseeded, reseeded.stage("ev"), **base) != fp
+
+
+def test_a_distillation_teachers_content_is_in_the_key(tmp_path):
+    """New teacher weights at the same path must not reuse a stage distilled from the old ones."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.config import validate_config
+    from pipeline.inputs import teacher_digest
+
+    weights = tmp_path / "teacher.safetensors"
+    save_file({"w": torch.zeros(3)}, str(weights))
+    config = validate_config({"name": "d", "data": {"source": "digits"}, "stages": [
+        {"name": "distill", "kind": "pretext", "method": "distill", "epochs": 1,
+         "settings": {"teacher": {"name": "resnet18", "weights": str(weights)}}}]})
+    stage = config.stage("distill")
+    before = stage_fingerprint(config, stage, data="d" * 16, upstream=None, teacher=teacher_digest(stage))
+    save_file({"w": torch.ones(3)}, str(weights))
+    after = stage_fingerprint(config, stage, data="d" * 16, upstream=None, teacher=teacher_digest(stage))
+    assert before != after and teacher_digest(config.stage("distill")) is not None
