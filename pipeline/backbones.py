@@ -22,6 +22,8 @@ from torch import nn
 from pipeline.store import move_dir_into_place
 
 ARTIFACT_FORMAT = "sslpipe.backbone/1"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalization of ImageNet weights (timm's pretrained_cfg default)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "backbone.json"
 
@@ -54,6 +56,23 @@ def _apply_small_image_stem(model: nn.Module, name: str, stride: int = 1) -> Non
     )
 
 
+def create_timm_model(name: str, *, in_chans: int = 3, kwargs: dict[str, Any] | None = None,
+                      key: str = "backbone") -> nn.Module:
+    """timm.create_model without classifier and never with downloaded weights; an unknown name or kwargs it
+    refuses is a BackboneError that names the config `key` (`backbone`, `settings.teacher`)."""
+    import timm
+
+    kwargs = {k: v for k, v in (kwargs or {}).items() if k not in ("pretrained", "num_classes", "in_chans")}
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise BackboneError(f"{key}.name: unknown timm model '{name}' (see timm.list_models())") from None
+        raise BackboneError(f"{key}: '{name}' could not be built: {err}") from None
+    except TypeError as err:
+        raise BackboneError(f"{key}.kwargs not accepted by '{name}': {err}") from None
+
+
 def build_backbone(
     name: str,
     *,
@@ -66,19 +85,7 @@ def build_backbone(
 
     Returns the module and its pooled feature dimension.
     """
-    import timm
-
-    kwargs = dict(kwargs or {})
-    for forbidden in ("pretrained", "num_classes", "in_chans"):
-        kwargs.pop(forbidden, None)
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise BackboneError(f"backbone.name: unknown timm model '{name}' (see timm.list_models())") from None
-        raise BackboneError(f"backbone '{name}' could not be built: {err}") from None
-    except TypeError as err:
-        raise BackboneError(f"backbone.kwargs not accepted by '{name}': {err}") from None
+    model = create_timm_model(name, in_chans=in_chans, kwargs=kwargs)
     if small_image_stem:
         _apply_small_image_stem(model, name, stem_stride)
     feature_dim = int(getattr(model, "num_features", 0))

@@ -11,28 +11,19 @@ from typing import Any
 
 import torch
 
-from pipeline.backbones import BackboneError, load_backbone
+from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneError, create_timm_model, load_backbone
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _timm_teacher(spec) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A timm model without classifier, with the spec's weights (strict) or a seeded random init."""
-    import timm
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    kwargs = {k: v for k, v in (spec.kwargs or {}).items() if k not in ("pretrained", "num_classes")}
-    try:
-        torch.manual_seed(spec.seed)  # every worker (and a resume) builds the same random teacher
-        model = timm.create_model(spec.name, pretrained=False, num_classes=0, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise BackboneError(f"settings.teacher.name: unknown timm model '{spec.name}'") from None
-        raise BackboneError(f"settings.teacher: '{spec.name}' could not be built: {err}") from None
-    except TypeError as err:
-        raise BackboneError(f"settings.teacher.kwargs not accepted by '{spec.name}': {err}") from None
+    kwargs = dict(spec.kwargs or {})
+    torch.manual_seed(spec.seed)  # every worker (and a resume) builds the same random teacher
+    model = create_timm_model(spec.name, in_chans=int(kwargs.get("in_chans", 3)), kwargs=kwargs,
+                              key="settings.teacher")
     if spec.weights is not None:
         try:
             state = load_file(spec.weights)

@@ -30,10 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pipeline.backbones import BackboneError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneError
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's Hugging Face repos hold
 CONNECT_TIMEOUT_S = 2.0
 

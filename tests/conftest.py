@@ -217,6 +217,17 @@ def start_ray_head(env: dict[str, str], num_cpus: int = 2, token: str | None = N
     return address, url, stop
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: the machine is shared with the other test process."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A Ray head with room for two Train workers plus the controller, shared by the whole test process.

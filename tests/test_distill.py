@@ -24,12 +24,7 @@ FIXED = {"mixup": False, "augment": {"min_scale": 1.0, "cj_prob": 0.0, "random_g
 RANDOM_TEACHER = {"name": "test_resnet", "random_init": True, "input_size": 24}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def backbone_artifact(folder: Path, name: str = "test_resnet") -> Path:

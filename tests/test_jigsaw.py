@@ -22,12 +22,7 @@ from pretext.jigsaw import Jigsaw, arrange, assemble_tiles, cut_tiles, hamming_m
 BACKBONE = "test_resnet"  # tiny ResNet shipped with timm for tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _method(input_size=16, **settings) -> Jigsaw:

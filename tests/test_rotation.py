@@ -19,13 +19,7 @@ from pretext.settings import RotationSettings
 BACKBONE = "test_resnet"  # tiny ResNet shipped with timm for tests; same code path as resnet18
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine is shared: keep to one core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _method(input_size=32, **settings) -> RotationPrediction:
