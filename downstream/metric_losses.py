@@ -49,6 +49,8 @@ TUPLE_FORM: dict[str, str] = {
     "triplet": "triplet",
     "margin": "triplet",
     "quadruplet": "quadruplet",
+    "fastap": "listwise",
+    "smoothap": "listwise",
 }
 
 
@@ -265,6 +267,20 @@ def gather_across_workers(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, T
 
 # -- the criterion ---------------------------------------------------------------------------------
 
+def _grouped_by_label(embeddings: Tensor, labels: Tensor, loss_name: str) -> tuple[Tensor, Tensor]:
+    """The gathered batch sorted by label. Smooth-AP (pml) reads the batch as consecutive equal-sized classes;
+    m-per-class batches give that when every class of the global batch has one group of m images."""
+    order = torch.argsort(labels, stable=True)
+    embeddings, labels = embeddings[order], labels[order]
+    if loss_name == "smoothap":
+        counts = torch.unique(labels, return_counts=True)[1]
+        if counts.unique().numel() != 1:
+            raise ValueError(f"loss 'smoothap' needs the same number of images of every class in a global batch, got "
+                             f"{sorted(counts.tolist())}: make batch_size a multiple of settings.images_per_class "
+                             "and at most images_per_class x the number of classes")
+    return embeddings, labels
+
+
 class MetricCriterion(nn.Module):
     """embeddings, labels -> loss: gather across workers, (expand,) mine, apply the loss.
 
@@ -300,7 +316,11 @@ class MetricCriterion(nn.Module):
                 indices = None
             if indices is not None:
                 out["mined_tuples"] = torch.tensor(float(len(indices[0])))
-            loss = self.loss(emb, lab, indices)
+            if TUPLE_FORM[self.loss_name] == "listwise":
+                emb, lab = _grouped_by_label(emb, lab, self.loss_name)
+                loss = self.loss(emb, lab)
+            else:
+                loss = self.loss(emb, lab, indices)
         if world > 1:
             loss = loss * world - loss.detach() * (world - 1)  # value: the loss; gradient: world x
         out["loss"] = loss
@@ -321,6 +341,10 @@ def build_criterion(loss: str, miner: str = "none", *, margin: float | None = No
         fn = losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)
     elif loss == "quadruplet":
         fn = QuadrupletLoss(margin1=m, margin2=quadruplet_margin2)
+    elif loss == "fastap":  # Cakir et al. 2019: AP from a histogram of distances (soft binning)
+        fn = losses.FastAPLoss(num_bins=10)
+    elif loss == "smoothap":  # Brown et al. 2020: AP with the rank's step function replaced by a sigmoid
+        fn = losses.SmoothAPLoss(temperature=0.01)
     else:
         raise ValueError(f"unknown loss '{loss}' (known: {', '.join(TUPLE_FORM)})")
 

@@ -9,7 +9,9 @@ from pydantic import Field, model_validator
 from downstream.policies import validate_policies
 from pretext.settings import AugmentSettings, MethodSettings, StrictSettings
 
-LossName = Literal["contrastive", "triplet", "margin", "multi_similarity", "quadruplet"]
+LossName = Literal["contrastive", "triplet", "margin", "multi_similarity", "quadruplet", "fastap", "smoothap"]
+# Losses over the whole ranked batch (average precision): no tuples, no miner, no Embedding Expansion.
+LISTWISE_LOSSES = ("fastap", "smoothap")
 MinerName = Literal["none", "all", "semihard", "hard", "distance_weighted", "multi_similarity"]
 
 # loss -> the miners that make sense with it; the first one is the default.
@@ -19,6 +21,8 @@ LOSS_MINERS: dict[str, tuple[str, ...]] = {
     "margin": ("distance_weighted", "none"),
     "multi_similarity": ("multi_similarity", "none"),
     "quadruplet": ("hard",),
+    "fastap": ("none",),
+    "smoothap": ("none",),
 }
 
 
@@ -60,6 +64,11 @@ class MetricSettings(MethodSettings):
     @model_validator(mode="after")
     def _miner_fits_loss(self) -> "MetricSettings":
         allowed = LOSS_MINERS[self.loss]
+        if self.embedding_expansion.enabled and self.loss in LISTWISE_LOSSES:
+            raise ValueError(f"embedding_expansion: loss '{self.loss}' ranks the whole batch by average precision; "
+                             "Embedding Expansion mines tuples among synthetic points and does not apply to it")
+        if self.loss == "smoothap" and self.images_per_class < 2:
+            raise ValueError("loss 'smoothap' needs images_per_class >= 2 (positives for every query)")
         if self.embedding_expansion.enabled and self.miner is not None:
             raise ValueError(
                 "miner: with embedding_expansion enabled the hardest negatives are mined among original and "

@@ -20,6 +20,16 @@ class MetricExecutor(TrainingExecutor):
         if ctx.train.labels is None:
             raise DataError(f"stage '{stage.name}': metric learning needs labels; data source "
                             f"'{ctx.config.data.source}' has none")
+        if stage.settings["loss"] == "smoothap":  # one group of m images per class in every global batch
+            import numpy as np
+
+            m, workers = stage.settings["images_per_class"], ctx.config.ray.num_workers
+            batch = (stage.batch_size // workers) * workers
+            classes = len(np.unique(ctx.train.labels))
+            if batch % m or batch // m > classes:
+                raise DataError(f"stage '{stage.name}': loss smoothap needs every class of a global batch to hold "
+                                f"settings.images_per_class={m} images: batch_size {batch} must be a multiple of {m} "
+                                f"and at most {m} x {classes} classes = {m * classes}")
 
     def run(self, ctx: RunContext, stage: MetricStage, run: StageRun) -> StageResult:
         result = train_stage(ctx, stage, run, labels=ctx.train.labels)
