@@ -165,6 +165,7 @@ class StageBase(Strict):
     best_candidate: ClassVar[bool] = False  # `input: best` chooses among these stages
     runs_in_waves: ClassVar[bool] = False  # independent neighbours of this kind may train concurrently
     special_inputs: ClassVar[tuple[str, ...]] = ("best",)  # input values that name no stage
+    warm_starts: ClassVar[bool] = False  # registry.warm_start: an omitted input means "from the champion"
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
 
@@ -226,6 +227,7 @@ class PretextStage(TrainingStage):
 
     best_candidate: ClassVar[bool] = True
     runs_in_waves: ClassVar[bool] = True
+    warm_starts: ClassVar[bool] = True
 
     kind: Literal["pretext"]
 
@@ -275,6 +277,8 @@ class MetricStage(TrainingStage):
     Starts from `input` (a stage's backbone or 'best') or a random init. Retrieval (Recall@1/2/4/8, MAP@R)
     of the evaluation split is computed after training, meant for classes never seen in training.
     """
+
+    warm_starts: ClassVar[bool] = True
 
     kind: Literal["metric"]
     method: Literal["metric"] = "metric"
@@ -527,7 +531,13 @@ class SelectionConfig(Strict):
 
 
 class RegistryConfig(Strict):
-    """The MLflow model registry: each run registers its final backbone; `sslpipe retrain` moves the alias."""
+    """The MLflow model registry: each run registers its final backbone; `sslpipe retrain` moves the alias.
+
+    `warm_start: true`: `sslpipe retrain` starts every pretext and metric stage that has no `input` from the
+    version holding `alias` (the champion), as if it said `input: models:/<model_name>@<alias>`, so scheduled
+    retrains adapt the champion instead of starting over; without a champion (the first retrain) or when the
+    champion's architecture is not the configured backbone's, they start fresh, and the decision says why.
+    Finetune stages keep their random init (an omitted input means `random` there)."""
 
     enabled: bool = Field(True, description="register the final backbone as a new model version after each run")
     model_name: str | None = Field(None, min_length=1, max_length=256, description="registered model; default: the pipeline name")
@@ -535,6 +545,9 @@ class RegistryConfig(Strict):
     alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", max_length=255)
     metric: Literal["knn_accuracy", "nmi"] = Field("knn_accuracy", description="retrain compares candidate and champion by this")
     min_improvement: float = Field(0.0, ge=0.0, le=1.0, description="the candidate must beat the champion by at least this")
+    warm_start: bool = Field(
+        False, description="retrain starts the pretext and metric stages without input from the champion "
+        "(models:/<model_name>@<alias>) instead of a fresh init; from scratch while there is none")
 
 
 class PipelineConfig(Strict):
@@ -593,6 +606,14 @@ class PipelineConfig(Strict):
 
     def model_name(self) -> str:
         return self.registry.model_name or self.name
+
+    def champion_uri(self) -> str:
+        """The registry URI of the version holding the alias: `models:/<model_name>@<alias>`."""
+        return f"models:/{self.model_name()}@{self.registry.alias}"
+
+    def warm_start_stages(self) -> list[str]:
+        """The stages `registry.warm_start` starts from the champion: those of a kind that warm starts, no input."""
+        return [s.name for s in self.stages if s.warm_starts and getattr(s, "input", None) is None]
 
     def stage(self, name: str) -> StageBase:
         for stage in self.stages:

@@ -28,8 +28,15 @@ NOT_TRAINING_KEYS = ("output_dir", "tracking", "ray", "registry")  # where and h
 
 def config_fingerprint(config: PipelineConfig) -> str:
     """What is trained (data selection, backbone, stages, seed, and the Ray settings that change results:
-    `num_workers`, `use_gpu`), not where it runs or is tracked; the same rule as the stage cache."""
+    `num_workers`, `use_gpu`), not where it runs or is tracked; the same rule as the stage cache.
+
+    With `registry.warm_start`, a warm-starting stage's input written as the champion's URI is the same as an
+    omitted one (retrain writes it in): warm-started retrains of one config share its fingerprint."""
     data = config.model_dump(mode="json")
+    if config.registry.warm_start:
+        for stage, dumped in zip(config.stages, data["stages"]):
+            if stage.warm_starts and dumped.get("input") == config.champion_uri():
+                dumped["input"] = None
     trained = {k: v for k, v in data.items() if k not in NOT_TRAINING_KEYS}
     return fingerprint({**trained, "ray": result_settings(config.ray)})
 

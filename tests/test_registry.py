@@ -113,6 +113,7 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     monkeypatch.setattr(retraining, "evaluate_backbone", recording_evaluate)
     first = retraining.retrain(config, out, log=lambda s: None)
     assert first["decision"] == "promote" and first["champion"] is None
+    assert first["warm_start"] is None and "warm_start_skipped" not in first  # warm_start is off by default
     assert first["candidate"]["version"] == "1" and champion_version(uri, "tiny-backbone") == "1"
     # 64 images, 2 uninformative classes: kNN below 1/2 + 4 * sqrt(1/4 / 64) = 0.75 (the leak scored ~1.0).
     assert 0.0 <= first["candidate"]["knn_accuracy"] < chance_bound(64) and len(evaluated) == 1
@@ -159,6 +160,8 @@ def test_retrain_promotes_keeps_and_skips(ray_session, tmp_path, monkeypatch, ca
     monkeypatch.setattr(retraining, "evaluate_backbone", scored)
     second = retraining.retrain(config, out, log=lambda s: None)
     assert second["decision"] == "promote", second
+    assert second["warm_start"] is None and "warm_start_skipped" not in second  # off: a fresh init, as before
+    assert json.loads((out / "summary.json").read_text())["stages"]["simclr"]["input"] is None
     # The real evaluations of champion (v1) and candidate (v2) on the 80 images: both near chance, so on these
     # labels neither can beat the other by min_improvement through self-matches.
     assert set(real) == {fp1, second["candidate"]["data_fingerprint"]}, real
@@ -262,3 +265,153 @@ def test_gate_modes():
     assert gate(0.40, 0.50, 0.05, "min")["decision"] == "promote"  # lower-is-better, for a future metric
     with pytest.raises(ValueError, match="mode"):
         gate(0.5, 0.4, 0.0, "up")
+
+
+# Warm start: `registry.warm_start` starts the fresh-init stages from the champion.
+WARM_BASE = {
+    "name": "p", "data": {"source": "digits"},
+    "backbone": {"name": "resnet18", "small_image_stem": True, "stem_stride": 2, "image_size": 8},
+    "registry": {"model_name": "m", "warm_start": True},
+    "stages": [{"name": "simclr", "kind": "pretext", "method": "simclr", "epochs": 1},
+               {"name": "refine", "kind": "refine", "input": "simclr", "epochs": 1},
+               {"name": "metric", "kind": "metric", "epochs": 1},
+               {"name": "probe", "kind": "finetune", "input": "simclr", "epochs": 1},
+               {"name": "random", "kind": "finetune", "epochs": 1}],
+}
+
+
+def fake_champion(tmp_path: Path, version: str = "4", **meta):
+    """A registered version (`.version`) and its artifact folder, of which warm_start reads only backbone.json."""
+    from types import SimpleNamespace
+
+    from pipeline.backbones import ARTIFACT_FORMAT
+
+    folder = tmp_path / "champion"
+    folder.mkdir(exist_ok=True)
+    (folder / "backbone.json").write_text(json.dumps({
+        "format": ARTIFACT_FORMAT, "timm_name": "resnet18", "timm_kwargs": {}, "small_image_stem": True,
+        "stem_stride": 2, "in_chans": 3, **meta}))
+    return SimpleNamespace(version=version), folder
+
+
+def test_warm_start_rewrites_only_fresh_init_stages(tmp_path):
+    from pipeline.registry import config_fingerprint
+    from pipeline.retrain import warm_start
+
+    cfg = validate_config(WARM_BASE)
+    assert cfg.warm_start_stages() == ["simclr", "metric"] and cfg.champion_uri() == "models:/m@champion"
+    champion, folder = fake_champion(tmp_path)
+    warm_cfg, warm, why_not = warm_start(cfg, champion, folder)
+    assert warm == {"from": "models:/m@champion", "version": "4", "stages": ["simclr", "metric"]} and why_not is None
+    inputs = {s.name: getattr(s, "input", None) for s in warm_cfg.stages}
+    # pretext and metric start from the champion; refine and the probe keep their stage input; a finetune
+    # stage without input stays a random init (omitted means `random` there).
+    assert inputs == {"simclr": "models:/m@champion", "refine": "simclr", "metric": "models:/m@champion",
+                      "probe": "simclr", "random": None}
+    assert [getattr(s, "input", None) for s in cfg.stages][0] is None  # the caller's config is untouched
+    # The rewritten config is the same config for retrain's "nothing changed" check...
+    assert config_fingerprint(warm_cfg) == config_fingerprint(cfg)
+    # ...but not without warm start, where an explicit registry input is another training start.
+    off = lambda c: c.model_copy(update={"registry": c.registry.model_copy(update={"warm_start": False})})  # noqa: E731
+    assert config_fingerprint(off(warm_cfg)) != config_fingerprint(off(cfg))
+    # The rewritten config still validates (the registry URI is an external input).
+    assert validate_config(warm_cfg.model_dump(mode="json")).stage("simclr").input == "models:/m@champion"
+
+    # Off, nothing to start, no champion, another architecture: the config is unchanged; the reason says why.
+    assert warm_start(off(cfg), champion, folder) == (off(cfg), None, None)
+    for meta, expected in [({"timm_name": "resnet34"}, "has timm_name 'resnet34' where the config has 'resnet18'"),
+                           ({"stem_stride": 1}, "has stem_stride 1 where the config has 2"),
+                           ({"small_image_stem": False}, "has small_image_stem False"),
+                           ({"in_chans": 1}, "takes 1 channel(s) where stage 'simclr' needs 3")]:
+        champion, folder = fake_champion(tmp_path, **meta)
+        same, warm, why_not = warm_start(cfg, champion, folder)
+        assert same is cfg and warm is None and expected in why_not and "version 4" in why_not, why_not
+    same, warm, why_not = warm_start(cfg, None, None)
+    assert same is cfg and warm is None and why_not.startswith("no champion yet")
+    no_fresh = validate_config({**WARM_BASE, "stages": [{**WARM_BASE["stages"][0], "input": "pretrained"}]
+                                + WARM_BASE["stages"][1:2], "backbone": {"pretrained": True}})
+    assert warm_start(no_fresh, *fake_champion(tmp_path))[2].startswith("no pretext or metric stage")
+
+
+WARM_CONFIG = textwrap.dedent(
+    """
+    name: warm-test
+    seed: 0
+    data: {{source: folder, root: {root}, load_size: 16}}
+    backbone: {{name: test_resnet, small_image_stem: false, image_size: 16}}
+    ray: {{num_workers: 1, max_failures: 0}}
+    registry: {{model_name: warm-backbone, warm_start: true}}
+    stages:
+      - {{name: simclr, kind: pretext, method: simclr, epochs: 1, batch_size: 32, evaluate: false,
+          log_every_steps: 100, optimizer: {{name: adamw, lr: 1.0e-2, weight_decay: 0.0}},
+          settings: {{augment: {{gaussian_blur: 0.0}}}}}}
+    """
+)
+
+
+def parameters(artifact: str | Path) -> dict[str, np.ndarray]:
+    """The trained tensors of an artifact (BatchNorm running statistics move with every forward pass)."""
+    from safetensors.numpy import load_file
+
+    state = load_file(str(Path(artifact) / "model.safetensors"))
+    return {k: v for k, v in state.items() if "running_" not in k and "num_batches" not in k}
+
+
+@pytest.mark.ray
+def test_retrain_warm_starts_from_the_champion(ray_session, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.retrain import retrain
+
+    data, out = tmp_path / "images", tmp_path / "out"
+    add_images(data, 0, 16)
+    path = tmp_path / "warm.yaml"
+    path.write_text(WARM_CONFIG.format(root=data))
+    uri, name = f"sqlite:///{out / 'mlflow.db'}", "warm-backbone"
+    logs: list[str] = []
+
+    # 1. No champion yet: trained from scratch, and the decision says so.
+    first = retrain(load_config(path), out, log=logs.append)
+    assert first["decision"] == "promote" and first["warm_start"] is None, first
+    assert first["warm_start_skipped"].startswith("no champion yet")
+    assert any(line.startswith("retrain: no warm start: no champion yet") for line in logs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"]["simclr"]["input"] is None
+    champion = parameters(summary["stages"]["simclr"]["artifacts"]["backbone"])
+
+    # 2. New data, lr 1e-9 and another seed: the stage starts from version 1's weights, so it ends within
+    # 1e-6 of them (a fresh init of seed 1 would be nowhere near a backbone trained from seed 0 at lr 1e-2).
+    add_images(data, 16, 4)
+    second_cfg = load_config(path, ["seed=1", "stages.simclr.optimizer.lr=1.0e-9"])
+    second = retrain(second_cfg, out, log=logs.append)
+    assert second["warm_start"] == {"from": "models:/warm-backbone@champion", "version": "1",
+                                    "stages": ["simclr"]}, second
+    assert "warm_start_skipped" not in second and second["candidate"]["version"] == "2"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["retrain"]["warm_start"] == second["warm_start"]
+    assert summary["stages"]["simclr"]["input"] == "models:/warm-backbone@champion"
+    assert summary["stages"]["simclr"]["reused"] is False
+    candidate = parameters(summary["stages"]["simclr"]["artifacts"]["backbone"])
+    assert candidate.keys() == champion.keys()
+    drift = max(float(np.abs(candidate[k] - champion[k]).max()) for k in champion)
+    assert drift < 1e-6, drift
+    import torch
+
+    from pipeline.backbones import build_backbone
+
+    torch.manual_seed(1000)  # what a fresh start of rank 0 at seed 1 would have been: far from the champion
+    fresh = {k: v.numpy() for k, v in build_backbone("test_resnet", small_image_stem=False)[0].state_dict().items()}
+    assert max(float(np.abs(fresh[k] - champion[k]).max()) for k in champion) > 1e-3
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    tags = client.get_run(summary["parent_run_id"]).data.tags
+    assert tags["sslpipe.retrain.warm_start_from"] == "models:/warm-backbone@champion"
+    assert tags["sslpipe.retrain.warm_start_version"] == "1"
+    assert versions(uri, name)["2"]["sslpipe.retrain.warm_start_version"] == "1"
+    stage_run = client.get_run(summary["stages"]["simclr"]["run_id"])
+    assert stage_run.data.tags["sslpipe.input"] == "models:/warm-backbone@champion"
+    print(f"warm start: largest parameter change from champion v1 after one epoch at lr 1e-9: {drift:.2e}")
+
+    # 3. Same data, same config: nothing to do (the warm-start input does not change the config fingerprint).
+    third = retrain(second_cfg, out, log=logs.append)
+    assert third["decision"] == "noop", third
+    assert set(versions(uri, name)) == {"1", "2"}
