@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from downstream.metric_losses import build_criterion
 from downstream.settings import MetricSettings
 from pretext.base import Method
-from pretext.transforms import SimCLRAugment
+from pretext.pooling import NetVLAD, PooledBackbone, feature_map, make_pool, pooled_width
+from pretext.transforms import EvalTransform, SimCLRAugment
 
 __all__ = ["MetricLearning", "MetricEmbedder", "m_per_class_batches", "rebuild_exported", "EXPORT_KIND"]
 
@@ -45,10 +46,18 @@ class MetricEmbedder(nn.Module):
 
 
 def rebuild_exported(backbone: nn.Module, meta: dict[str, Any]) -> MetricEmbedder:
-    """The module of a metric-learning artifact around a freshly built backbone (load its state dict next)."""
+    """The module of a metric-learning artifact around a freshly built backbone (load its state dict next).
+    Artifacts trained with GeM or NetVLAD pooling (`pooling` in the metadata) embed with it; older ones have
+    none and use the backbone's own average pooling."""
     if meta.get("export") != EXPORT_KIND:
         raise ValueError(f"not a metric-learning export: export={meta.get('export')!r}")
-    return MetricEmbedder(backbone, nn.Linear(int(meta["feature_dim"]), int(meta["embedding_dim"])))
+    feature_dim = int(meta["feature_dim"])
+    pooling = meta.get("pooling") or "avg"
+    if pooling != "avg":
+        pool = make_pool(pooling, feature_dim, clusters=int(meta.get("netvlad_clusters") or 16))
+        backbone = PooledBackbone(backbone, pool, feature_dim)
+        feature_dim = backbone.num_features
+    return MetricEmbedder(backbone, nn.Linear(feature_dim, int(meta["embedding_dim"])))
 
 
 def m_per_class_batches(labels: np.ndarray, *, images_per_class: int, batch_size: int, num_batches: int, seed: int,
@@ -107,7 +116,11 @@ class MetricLearning(Method):
     def __init__(self, backbone, feature_dim, settings, **kwargs: Any) -> None:
         super().__init__(backbone, feature_dim, settings, **kwargs)
         s: MetricSettings = self.settings
-        self.head = nn.Linear(self.feature_dim, s.embedding_dim)
+        # GeM / NetVLAD on the backbone's feature map instead of its average pooling (exported with the head)
+        self.pool = (make_pool(s.pooling, self.feature_dim, clusters=s.netvlad_clusters, gem_p=s.gem_p)
+                     if s.pooling != "avg" else None)
+        width = self.feature_dim if self.pool is None else pooled_width(self.pool, self.feature_dim)
+        self.head = nn.Linear(width, s.embedding_dim)
         self.augment = SimCLRAugment(input_size=self.input_size, **s.augment.model_dump()) if s.augment_views else None
         ee = s.embedding_expansion
         self.criterion = build_criterion(s.loss, s.resolved_miner(), margin=s.margin,
@@ -115,9 +128,16 @@ class MetricLearning(Method):
                                          expansion_points=ee.points if ee.enabled else 0)
         self._train_labels: np.ndarray | None = None
 
+    def descriptors(self, images: Tensor) -> Tensor:
+        """Global descriptors of a [0, 1] batch: the backbone's pooled features, or GeM / NetVLAD of its map."""
+        if self.pool is None:
+            return self.encode(images)
+        x = self.normalize(images).contiguous(memory_format=self.memory_format)
+        return self.pool(feature_map(self.backbone, x))
+
     def embed(self, images: Tensor) -> Tensor:
         """L2-normalized embeddings of a [0, 1] batch (no augmentation)."""
-        return F.normalize(self.head(self.encode(images)).float(), dim=1)
+        return F.normalize(self.head(self.descriptors(images)).float(), dim=1)
 
     def training_step(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
         if labels is None:
@@ -137,6 +157,8 @@ class MetricLearning(Method):
         so the trainer's step count and LR schedule hold."""
         if self._train_labels is None:
             raise RuntimeError("metric learning: the training labels were not attached (set_train_labels)")
+        if isinstance(self.pool, NetVLAD) and not int(self.pool.initialised):
+            self._init_netvlad(images, seed)
         n = len(images)
         steps = (n // world_size) // batch_size
         if steps < 1:
@@ -145,14 +167,47 @@ class MetricLearning(Method):
                                    batch_size=batch_size, num_batches=steps, seed=seed, epoch=epoch, rank=rank,
                                    world_size=world_size)
 
+    @torch.no_grad()
+    def _init_netvlad(self, images: Any, seed: int, max_images: int = 512, max_descriptors: int = 50_000) -> None:
+        """NetVLAD's centres from k-means of the input backbone's L2-normalized local descriptors on a seeded
+        sample of the training images (as the paper initialises them). Every rank computes the same sample; under
+        DDP rank 0's centres are broadcast so that all ranks start identical."""
+        import torch.distributed as dist
+
+        from clustering import kmeans
+
+        device = self.head.weight.device
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(len(images), size=min(max_images, len(images)), replace=False))
+        resize, was_training = EvalTransform(self.input_size), self.training
+        self.eval()
+        try:
+            maps = [feature_map(self.backbone, self.normalize(resize(torch.from_numpy(np.asarray(images[rows[i:i + 64]]))
+                                                                      .to(device).float().div_(255.0))))
+                    for i in range(0, len(rows), 64)]
+        finally:
+            self.train(was_training)
+        local = F.normalize(torch.cat(maps).float(), dim=1).permute(0, 2, 3, 1).reshape(-1, maps[0].shape[1])
+        local = local[torch.from_numpy(rng.permutation(len(local))[:max_descriptors]).to(local.device)]
+        centres = torch.from_numpy(kmeans(local.cpu().numpy(), self.pool.clusters, seed=seed).centroids).to(device)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(centres, src=0)
+        self.pool.init_centres(centres)
+
     def export_module(self) -> tuple[nn.Module, dict[str, Any]]:
-        """The retrieval embedder (backbone + head, L2-normalized), sharing the method's modules."""
+        """The retrieval embedder (backbone [+ GeM/NetVLAD] + head, L2-normalized), sharing the method's modules."""
         s: MetricSettings = self.settings
-        embedder = MetricEmbedder(self.backbone, self.head)
+        backbone = self.backbone if self.pool is None else PooledBackbone(self.backbone, self.pool, self.feature_dim)
+        embedder = MetricEmbedder(backbone, self.head)
         embedder.training = self.training
-        return embedder, {"export": EXPORT_KIND, "embedding_dim": int(s.embedding_dim), "l2_normalize": True}
+        meta = {"export": EXPORT_KIND, "embedding_dim": int(s.embedding_dim), "l2_normalize": True,
+                "pooling": s.pooling}
+        if s.pooling == "netvlad":
+            meta["netvlad_clusters"] = int(s.netvlad_clusters)
+        return embedder, meta
 
     def artifact_extras(self) -> dict[str, Any]:
         s: MetricSettings = self.settings
         return {"metric": {"loss": s.loss, "miner": s.resolved_miner(), "embedding_dim": s.embedding_dim,
+                           "pooling": s.pooling,
                            "embedding_expansion": s.embedding_expansion.model_dump()}}

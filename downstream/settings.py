@@ -60,6 +60,10 @@ class MetricSettings(MethodSettings):
     embedding_expansion: EmbeddingExpansionSettings = EmbeddingExpansionSettings()
     augment: MetricAugmentSettings = MetricAugmentSettings()
     augment_views: bool = Field(True, description="train on augmented views (false: on the images as they are)")
+    pooling: Literal["avg", "gem", "netvlad"] = Field(
+        "avg", description="global descriptor: the backbone's average pooling, GeM (learnable p) or NetVLAD")
+    gem_p: float = Field(3.0, ge=1.0, le=20.0, description="GeM's initial exponent")
+    netvlad_clusters: int = Field(16, ge=2, le=256, description="NetVLAD centres (k-means of local features at start)")
 
     @model_validator(mode="after")
     def _miner_fits_loss(self) -> "MetricSettings":

@@ -1,0 +1,69 @@
+"""GeM and NetVLAD pooling: the formulas, and a metric-learning artifact that embeds with the pooling it was
+trained with."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretext.pooling import GeM, NetVLAD
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_gem_spans_average_to_max_pooling_and_learns_p():
+    x = torch.rand(2, 3, 4, 5) + 0.01
+    torch.testing.assert_close(GeM(p=1.0)(x), x.mean(dim=(2, 3)))
+    near_max = GeM(p=200.0)(x)
+    torch.testing.assert_close(near_max, x.amax(dim=(2, 3)), rtol=0.03, atol=0.0)
+    gem = GeM(p=3.0)
+    gem(x).sum().backward()
+    assert gem.p.grad is not None and gem.p.grad.abs() > 0
+
+
+def test_netvlad_equals_the_formula():
+    torch.manual_seed(0)
+    vlad = NetVLAD(dim=4, clusters=3, alpha=5.0)
+    vlad.init_centres(F.normalize(torch.randn(3, 4), dim=1))
+    x = torch.randn(2, 4, 3, 2)
+    got = vlad(x)
+    expected = []
+    for b in range(2):
+        desc = F.normalize(x[b].reshape(4, -1).T, dim=1)  # (N, C) local descriptors, L2-normalized
+        logits = desc @ vlad.assign.weight[:, :, 0, 0].T + vlad.assign.bias  # (N, K)
+        a = torch.softmax(logits, dim=1)
+        v = torch.stack([(a[:, k:k + 1] * (desc - vlad.centres[k])).sum(0) for k in range(3)])  # (K, C)
+        v = F.normalize(v, dim=1).flatten()
+        expected.append(F.normalize(v, dim=0))
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-6)
+    assert got.shape == (2, 12) and int(vlad.initialised) == 1
+    # the assignment follows the centres: w_k = 2 alpha c_k, b_k = -alpha |c_k|^2
+    torch.testing.assert_close(vlad.assign.weight[:, :, 0, 0], 10.0 * vlad.centres)
+
+
+@pytest.mark.parametrize("pooling", ["gem", "netvlad"])
+def test_metric_artifact_embeds_with_its_pooling(tmp_path, pooling):
+    from downstream.metric import MetricLearning
+    from pipeline.backbones import build_backbone, load_backbone, save_backbone
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("test_resnet")
+    method = MetricLearning(backbone, dim, {"pooling": pooling, "netvlad_clusters": 4, "embedding_dim": 8},
+                            input_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    images = np.random.default_rng(0).integers(0, 256, (40, 3, 16, 16), dtype=np.uint8)
+    method.set_train_labels(np.repeat(np.arange(4), 10))
+    method.epoch_batches(images, epoch=0, rank=0, world_size=1, batch_size=8, seed=0)
+    if pooling == "netvlad":
+        assert int(method.pool.initialised) == 1  # centres from k-means of the backbone's local descriptors
+    module, meta = method.export_module()
+    save_backbone(tmp_path / "art", module, name="test_resnet", small_image_stem=False, in_chans=3, kwargs={},
+                  feature_dim=dim, input_size=16, mean=[0.5] * 3, std=[0.25] * 3, provenance=meta)
+    loaded = load_backbone(tmp_path / "art")
+    method.eval()
+    x = torch.from_numpy(images[:6]).float() / 255
+    expected = method.embed(x)
+    got = loaded(method.normalize(x))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert got.shape == (6, 8)
