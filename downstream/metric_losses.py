@@ -331,6 +331,8 @@ def build_criterion(loss: str, miner: str = "none", *, margin: float | None = No
                     expansion_points: int = 0) -> MetricCriterion:
     """A criterion from registry names (see ``downstream.settings.LOSS_MINERS`` for valid pairs)."""
     m = DEFAULT_MARGINS.get(loss) if margin is None else float(margin)
+    if expansion_points and TUPLE_FORM.get(loss) == "listwise":
+        raise ValueError(f"Embedding Expansion mines tuples; loss '{loss}' is listwise (average precision)")
     if loss == "contrastive":
         fn: nn.Module = losses.ContrastiveLoss(pos_margin=0.0, neg_margin=m)
     elif loss == "triplet":
