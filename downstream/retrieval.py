@@ -35,7 +35,7 @@ import numpy as np
 
 from downstream.exclusion import Exclusion
 
-DISTANCES = ("euclidean", "cosine", "mahalanobis")
+DISTANCES = ("euclidean", "cosine", "mahalanobis", "lmnn")
 DEFAULT_RECALL_AT = (1, 2, 4, 8)
 LARGE_SET_RECALL_AT = (10, 100)
 LARGE_SET = 1000  # galleries larger than this also get Recall@10/@100 by default
@@ -107,9 +107,9 @@ def _prepare(queries: np.ndarray, gallery: np.ndarray, distance: str, whitening:
     """The vectors to compare, in float64: whitened for mahalanobis, unit-norm for cosine."""
     if distance not in DISTANCES:
         raise ValueError(f"retrieval distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
-    if distance == "mahalanobis":
+    if distance in ("mahalanobis", "lmnn"):
         if whitening is None:
-            raise ValueError("mahalanobis distance needs a whitening fitted on the training embeddings")
+            raise ValueError(f"{distance} distance needs a linear map fitted on the training embeddings")
         queries, gallery = whitening(queries), whitening(gallery)
     queries = np.asarray(queries, dtype=np.float64)
     gallery = np.asarray(gallery, dtype=np.float64)
@@ -261,7 +261,8 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[
                       gallery_labels: np.ndarray | None = None, train_features: np.ndarray | None = None,
                       shrinkage: float | str = "auto", exact_max: int = EXACT_RANKING_MAX,
                       exclude: Exclusion | None = None, max_queries: int | None = None,
-                      max_depth: int | None = None, seed: int = 0) -> dict[str, float]:
+                      max_depth: int | None = None, seed: int = 0,
+                      train_labels: np.ndarray | None = None) -> dict[str, float]:
     """Recall@ks, R-precision, MAP@R and mAP (full ranking) of `features` as queries.
 
     Galleries larger than `exact_max` are searched with faiss to the depth Recall@K and MAP@R need; mAP
@@ -275,7 +276,7 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[
 
     Without a gallery, leave-one-out on `features`; with one, queries search the gallery. `metric` is the
     distance; ``mahalanobis`` whitens with `train_features` (falling back to the gallery when it is the
-    training split). ``ks=None``: see :func:`default_recall_at`. ``exclude``: per query, the gallery items
+    training split); ``lmnn`` learns a linear map from `train_features` and `train_labels` (downstream.lmnn). ``ks=None``: see :func:`default_recall_at`. ``exclude``: per query, the gallery items
     (the queries themselves when there is no gallery) that are the query's own image; they are neither ranked
     nor counted in R (``retrieval_excluded_matches`` says how many pairs were removed).
     """
@@ -309,6 +310,14 @@ def retrieval_metrics(features: np.ndarray, labels: np.ndarray, *, ks: Sequence[
             raise ValueError("retrieval: mahalanobis distance needs the training embeddings (train_features)")
         whitening = fit_whitening(source, shrinkage)
         out["retrieval_whitening_shrinkage"] = whitening.shrinkage
+    elif metric == "lmnn":
+        from downstream.lmnn import fit_lmnn
+
+        if train_features is None or train_labels is None:
+            raise ValueError("retrieval: lmnn learns its distance from labeled training embeddings "
+                             "(train_features and train_labels)")
+        mean, matrix = fit_lmnn(train_features, train_labels, seed=seed)
+        whitening = Whitening(mean=mean, matrix=matrix, shrinkage=0.0)
 
     reports_exclusion = exclude is not None
     exact = n_gallery <= exact_max

@@ -454,8 +454,9 @@ class EvaluateStage(StageBase):
         64, ge=1, le=400, description="uncertain.png: the least confident images of the clustering",
     )
     retrieval: bool = Field(False, description="Recall@K, R-precision, MAP@R and mAP of the evaluation split")
-    retrieval_distance: Literal["euclidean", "cosine", "mahalanobis"] = Field(
-        "cosine", description="mahalanobis: whitening (mean, shrunk inverse sqrt covariance) fitted on the train split"
+    retrieval_distance: Literal["euclidean", "cosine", "mahalanobis", "lmnn"] = Field(
+        "cosine", description="mahalanobis: whitening (mean, shrunk inverse sqrt covariance) fitted on the train split; "
+        "lmnn: a linear map learned from the train split's labels (LMNN)"
     )
     retrieval_gallery: Literal["eval", "train"] = Field(
         "eval", description="eval: leave-one-out on the evaluation split; train: eval queries search the train split"

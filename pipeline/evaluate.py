@@ -145,6 +145,7 @@ def _retrieval(stage: EvaluateStage, train_x: np.ndarray, train: ImageSet, eval_
         gallery_features=train_x if gallery == "train" else eval_x, gallery_labels=g_set.labels,
         train_features=train_x, shrinkage=stage.mahalanobis_shrinkage, exclude=exclude,
         max_queries=stage.retrieval_max_queries, max_depth=stage.retrieval_max_depth, seed=seed,
+        train_labels=train.labels,
     )
     log(f"[{name}] retrieval: {exclude.total} query-gallery pairs left out as the same image "
         f"(rule: same {rule})")

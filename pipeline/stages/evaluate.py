@@ -16,11 +16,17 @@ from pipeline.stages.base import Executor, StageResult, StageRun
 
 class EvaluateExecutor(Executor):
     def check(self, ctx: RunContext, stage: EvaluateStage) -> None:
-        """A raw-pixel baseline too large for memory is refused before any stage runs."""
+        """A raw-pixel baseline too large for memory, or a learned distance without labels to learn it from, is
+        refused before any stage runs."""
+        from pipeline.data import DataError
         from pipeline.evaluate import check_pixel_budget
 
         if stage.input == "pixels":
             check_pixel_budget(stage, ctx.train, ctx.evalset)
+        if stage.retrieval and stage.retrieval_distance == "lmnn" and ctx.train.labels is None:
+            raise DataError(f"stage '{stage.name}': retrieval_distance lmnn learns its distance from the training "
+                            f"split's labels; data source '{ctx.config.data.source}' has none here (use cosine, "
+                            "euclidean or mahalanobis)")
 
     def run(self, ctx: RunContext, stage: EvaluateStage, run: StageRun) -> StageResult:
         from pipeline.evaluate import evaluate

@@ -1,0 +1,55 @@
+"""LMNN: a learned distance that discounts a noise feature; a config without labels is exit 2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _noisy_classes(n: int = 300, seed: int = 0):
+    """Column 0 separates 3 classes (spacing 1.5, spread 0.3); columns 1-4 are noise (std 2)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    signal = labels * 1.5 + rng.normal(0, 0.3, n)
+    return np.concatenate([signal[:, None], rng.normal(0, 2.0, (n, 4))], axis=1), labels
+
+
+def test_lmnn_shrinks_the_noise_features_and_beats_euclidean():
+    from downstream.lmnn import fit_lmnn
+    from downstream.retrieval import retrieval_metrics
+
+    x, y = _noisy_classes()
+    _, matrix = fit_lmnn(x, y, seed=0)
+    # how far one standard deviation of each feature moves a point in the learned space (1 for all, standardised,
+    # before learning)
+    reach = np.linalg.norm(matrix, axis=1) * x.std(axis=0)
+    assert (reach[1:] < 0.7 * reach[0]).all(), reach
+    test_x, test_y = _noisy_classes(seed=1)
+    plain = retrieval_metrics(test_x, test_y, ks=[1], metric="euclidean")["recall_at_1"]
+    learned = retrieval_metrics(test_x, test_y, ks=[1], metric="lmnn", train_features=x, train_labels=y)["recall_at_1"]
+    assert learned > plain + 0.1, (plain, learned)
+
+
+def test_lmnn_without_labels_is_exit_2(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from PIL import Image
+
+    for i in range(6):
+        Image.fromarray(np.full((12, 12, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    config = tmp_path / "c.yaml"
+    config.write_text(textwrap.dedent(f"""
+        name: lmnn
+        data: {{source: folder, root: {tmp_path}, load_size: 8}}
+        stages: [{{name: e, kind: evaluate, input: pixels, retrieval: true, retrieval_distance: lmnn}}]
+    """))
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir",
+                           str(tmp_path / "out")], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "retrieval_distance lmnn learns its distance from the training split's labels" in done.stderr
