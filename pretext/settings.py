@@ -161,10 +161,10 @@ class STMLSettings(MethodSettings):
     views: int = Field(2, ge=1, le=8, description="augmented views per image; k' = num_neighbors * views")
     rc_weight: float = Field(1.0, ge=0.0, description="weight of the relaxed contrastive term (paper: 1)")
     kl_weight: float = Field(1.0, ge=0.0, description="weight of the self-distillation KL term (paper: 1)")
-    pooling: Literal["gap+gmp", "gap"] = Field(
+    pooling: Literal["gap+gmp", "gap", "gem"] = Field(
         "gap+gmp", description="the backbone's last feature map -> one vector for f and g: the authors' global "
-        "average + global max pooling (summed), or the average alone. On 28-32 px images a resnet's last map is "
-        "2x2, where the max mostly adds noise",
+        "average + global max pooling (summed), the average alone, or GeM with p = 3 (fixed: the student and its "
+        "momentum teacher pool alike). On 28-32 px images a resnet's last map is 2x2, where the max mostly adds noise",
     )
     bn_freeze: bool = Field(
         False, description="keep the student backbone's BatchNorm layers frozen (running statistics and affine "

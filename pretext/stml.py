@@ -78,7 +78,8 @@ __all__ = [
 
 # -- embedding network ----------------------------------------------------------------------------
 
-POOLINGS = ("gap+gmp", "gap")
+POOLINGS = ("gap+gmp", "gap", "gem")
+GEM_P = 3.0  # STML's GeM exponent: fixed, so the momentum teacher needs no copy of it
 
 
 def _check_pooling(pooling: str) -> None:
@@ -92,7 +93,8 @@ def _off_diagonal(n: int, device: torch.device) -> Tensor:
 
 
 def pooled_features(backbone: nn.Module, x: Tensor, pooling: str = "gap+gmp") -> Tensor:
-    """GAP + GMP (summed; the authors') or GAP alone of the backbone's last feature map, (B, C); not timm's pooling.
+    """GAP + GMP (summed; the authors'), GAP alone or GeM (p = 3) of the backbone's last feature map, (B, C); not
+    timm's pooling.
 
     Uses ``backbone.forward_features`` (timm) when there is one: (B, C, h, w) maps are pooled over space,
     (B, T, C) token sequences over tokens; a backbone without it must return pooled (B, C) features.
@@ -102,6 +104,8 @@ def pooled_features(backbone: nn.Module, x: Tensor, pooling: str = "gap+gmp") ->
     feats = forward_features(x) if callable(forward_features) else backbone(x)
     if feats.dim() in (3, 4):
         dims = (2, 3) if feats.dim() == 4 else (1,)
+        if pooling == "gem":  # GeM (pretext.pooling): (mean x^p)^(1/p) over space or tokens
+            return feats.float().clamp(min=1e-6).pow(GEM_P).mean(dim=dims).pow(1.0 / GEM_P)
         pooled = feats.mean(dim=dims)
         return pooled + feats.amax(dim=dims) if pooling == "gap+gmp" else pooled
     if feats.dim() == 2:

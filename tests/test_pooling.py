@@ -67,3 +67,15 @@ def test_metric_artifact_embeds_with_its_pooling(tmp_path, pooling):
     got = loaded(method.normalize(x))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert got.shape == (6, 8)
+
+
+def test_stml_can_pool_with_gem():
+    """A refine (STML) stage's `pooling: gem` is GeM with p = 3 on the feature map (student and teacher alike)."""
+    from pipeline.backbones import build_backbone
+    from pretext.stml import pooled_features
+
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("test_resnet")
+    x = torch.rand(2, 3, 16, 16)
+    fmap = backbone.forward_features(x)
+    torch.testing.assert_close(pooled_features(backbone, x, "gem"), GeM(p=3.0)(fmap))
