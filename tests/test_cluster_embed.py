@@ -30,12 +30,12 @@ def test_evaluate_reads_an_array_like_a_batch_at_a_time(tmp_path, monkeypatch):
     evalset = _image_set(tmp_path / "eval.npy", 60, 1, max_rows=batch)
     stage = EvaluateStage.model_validate({"name": "ev", "kind": "evaluate", "input": "simclr", "batch_size": batch,
                                           "knn_k": 5, "clusters": 3, "tsne": False, "retrieval": True,
-                                          "grid_per_cluster": 4, "cluster_page_images": 10})
+                                          "grid_per_cluster": 4, "cluster_page_images": 10, "uncertain_images": 8})
     metrics, artifacts = evaluation.evaluate(stage, artifact=backbone_artifact(tmp_path), train=train,
                                              evalset=evalset, out_dir=tmp_path / "out", log=lambda _: None)
     assert {"knn_accuracy", "map_at_r", "nmi"} <= metrics.keys()
     assert train.images.rows_read == 80
-    shown = 3 * 4 + 3 * 10  # at most: a cluster smaller than a page shows all its members
+    shown = 3 * 4 + 3 * 10 + 8  # at most: a cluster smaller than a page shows all its members; the uncertain page
     assert 60 < evalset.images.rows_read <= 60 + shown
     assert np.load(artifacts["embeddings"]).shape[0] == 60
 

@@ -158,7 +158,7 @@ def test_rerun_with_fewer_clusters_leaves_no_stale_pages(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"retrieval_distance": "manhattan"}, "stages[ev].retrieval_distance: Input should be 'euclidean', 'cosine' or 'mahalanobis'"),
+    ({"retrieval_distance": "manhattan"}, "stages[ev].retrieval_distance: Input should be 'euclidean', 'cosine', 'mahalanobis' or 'lmnn'"),
     ({"retrieval_gallery": "test"}, "stages[ev].retrieval_gallery:"),
     ({"recall_at": [1, 0]}, "stages[ev].recall_at[1]:"),
     ({"clusters": 1}, "stages[ev].clusters: clusters must be an integer >= 2 or 'auto', got 1"),
