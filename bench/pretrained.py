@@ -42,6 +42,39 @@ def loop(cfg, stages: dict, name: str) -> float:
     return cfg.stage(name).epochs * stages[name]["metrics"]["epoch_time_s"]
 
 
+
+def knn_hits(artifact: Path, train, evalset, expected: float) -> "np.ndarray":
+    """Per test image: does the kNN vote (k=200, t=0.1, its copies in the bank excluded) name its class; the
+    terms of the stage's kNN accuracy, recomputed from the artifact (checked against the stage's figure)."""
+    from downstream.knn import knn_predict
+    from pipeline.evaluate import backbone_features, self_matches
+
+    exclude, _ = self_matches(evalset, train)
+    predicted = knn_predict(backbone_features(artifact, train.images, 512), train.labels,
+                            backbone_features(artifact, evalset.images, 512), k=200, temperature=0.1, exclude=exclude)
+    hits = predicted == evalset.labels
+    if abs(hits.mean() - expected) > 1e-6:
+        raise RuntimeError(f"{artifact}: kNN accuracy {hits.mean():.4f} disagrees with the stage's {expected:.4f}")
+    return hits
+
+
+def paired_lines(qc, q: dict, d: dict) -> list[str]:
+    """kNN accuracy differences paired on the same test images, with 95% bootstrap intervals over the images."""
+    from bench.quality import read_splits
+    from bench.stml import paired_recall_at_1 as paired  # a paired bootstrap of two boolean hit vectors
+
+    train, evalset = read_splits(qc)
+    start = next(out_dir("quickstart").joinpath("inputs").glob("pretrained-*"))
+    art = {"imagenet": start, "adapted": Path(q["simclr"]["artifacts"]["backbone"]),
+           "student": Path(d["distill"]["artifacts"]["backbone"]), "scratch": Path(d["simclr"]["artifacts"]["backbone"])}
+    knn = {"imagenet": q["imagenet"], "adapted": q["evaluate"], "student": d["eval_distill"], "scratch": d["eval_simclr"]}
+    hits = {k: knn_hits(a, train, evalset, knn[k]["metrics"]["knn_accuracy"]) for k, a in art.items()}
+    return [f"- kNN accuracy paired on the same {len(evalset)} test images (difference, 95% bootstrap interval over the "
+            f"images, 10000 rounds; one training seed): adapted against its ImageNet start "
+            f"{paired(hits['imagenet'], hits['adapted'])}; student against SimCLR from scratch "
+            f"{paired(hits['scratch'], hits['student'])}."]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs under bench/_work")
@@ -99,6 +132,7 @@ def main() -> None:
         f"(goal: above: {'met' if student > scratch else 'not met'}); distillation took {ratio:.2f}x SimCLR's stage time "
         f"(epochs x last epoch's time: {loop(dc, d, 'distill'):.0f} s against {loop(dc, d, 'simclr'):.0f} s; the rest of a "
         "stage is Ray Train's start, building the teacher and held-out metrics).",
+        *paired_lines(qc, q, d),
         "",
     ]
     print("\n".join(lines))
