@@ -126,7 +126,8 @@ def main() -> None:
     lines += [
         "",
         f"- Adapted backbone against pixels: kNN {adapted - pixels:+.4f}; against its ImageNet start: "
-        f"{adapted - imagenet:+.4f} (goal: above both: {'met' if adapted > max(pixels, imagenet) else 'not met'}).",
+        f"{adapted - imagenet:+.4f} (goal: above both: {'met' if adapted > max(pixels, imagenet) else 'not met'} on the "
+        "point estimates; the paired interval is below).",
         f"- Student against its teacher (the untouched ImageNet row): {student / imagenet:.3f} of its kNN (goal 0.95: "
         f"{'met' if student >= 0.95 * imagenet else 'not met'}); against SimCLR from scratch: {student - scratch:+.4f} "
         f"(goal: above: {'met' if student > scratch else 'not met'}); distillation took {ratio:.2f}x SimCLR's stage time "
