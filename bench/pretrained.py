@@ -17,6 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from bench.pretext import WORK, resolved, run  # noqa: E402
 from bench.quality import measured_sizes  # noqa: E402
 from bench.results import add_results_argument, write_section  # noqa: E402
@@ -43,7 +45,7 @@ def loop(cfg, stages: dict, name: str) -> float:
 
 
 
-def knn_hits(artifact: Path, train, evalset, expected: float) -> "np.ndarray":
+def knn_hits(artifact: Path, train, evalset, expected: float) -> np.ndarray:
     """Per test image: does the kNN vote (k=200, t=0.1, its copies in the bank excluded) name its class; the
     terms of the stage's kNN accuracy, recomputed from the artifact (checked against the stage's figure)."""
     from downstream.knn import knn_predict
