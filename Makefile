@@ -45,11 +45,12 @@ test: setup weights
 test-fast: setup weights
 	$(BIN)/python -m pytest -n 2 --dist loadscope -m "not ray"
 
-bench: setup
+bench: setup weights
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/speed.py
 	$(BIN)/python bench/speed.py --method moco
 	$(BIN)/python bench/pretext.py
+	$(BIN)/python bench/pretrained.py
 	$(BIN)/python bench/stml.py
 	$(BIN)/python bench/downstream.py --label-efficiency
 	$(BIN)/python bench/metric.py

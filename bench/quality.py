@@ -100,6 +100,8 @@ def main() -> None:
             iterations[config] = evaluate.kmeans_iterations
             if src == "pixels":
                 desc, size, t = "raw pixels", "-", "-"
+            elif src == "pretrained":  # the configured backbone with its weights, untrained (the demo's ImageNet row)
+                desc, size, t = f"{cfg.backbone.name} pretrained, untrained here", "-", "-"
             else:
                 tr = cfg.stage(src)
                 desc = f"{tr.method} backbone"

@@ -16,7 +16,8 @@ from pipeline.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneError, creat
 
 
 def _timm_teacher(spec) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A timm model without classifier, with the spec's weights (strict) or a seeded random init."""
+    """A timm model without classifier, with the spec's weights (strict, classifier keys dropped) or a seeded random
+    init."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -29,6 +30,12 @@ def _timm_teacher(spec) -> tuple[torch.nn.Module, dict[str, Any]]:
             state = load_file(spec.weights)
         except (SafetensorError, OSError, ValueError) as err:
             raise BackboneError(f"settings.teacher.weights: {spec.weights} is unreadable ({err})") from None
+        # A classifier in the file (an ImageNet state dict such as `make weights` writes) is not part of a
+        # num_classes=0 teacher: dropped, as backbone.weights drops it; every other key must fit (strict).
+        from pipeline.weights import classifier_prefixes
+
+        expected, prefixes = model.state_dict(), classifier_prefixes(model)
+        state = {k: v for k, v in state.items() if k in expected or not k.startswith(prefixes)}
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:

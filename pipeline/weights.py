@@ -190,7 +190,7 @@ RENAMES: tuple[tuple[str, Callable[[set[str]], bool], Callable], ...] = (
 )
 
 
-def _classifier_prefixes(model) -> tuple[str, ...]:
+def classifier_prefixes(model) -> tuple[str, ...]:
     names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
     names = (names,) if isinstance(names, str) else tuple(names)
     return tuple(f"{n}." for n in names) + ("fc.", "head.fc.", "classifier.")
@@ -199,7 +199,7 @@ def _classifier_prefixes(model) -> tuple[str, ...]:
 def _compare(state: Mapping[str, Any], model) -> tuple[list[str], list[str], list[str], list[str]]:
     """(missing, unexpected, shape mismatches, dropped classifier keys) of `state` against `model`."""
     expected = model.state_dict()
-    prefixes = _classifier_prefixes(model)
+    prefixes = classifier_prefixes(model)
     dropped = sorted(k for k in state if k not in expected and k.startswith(prefixes))
     unexpected = [k for k in state if k not in expected and k not in dropped]
     missing = [k for k in expected if k not in state]

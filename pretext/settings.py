@@ -222,6 +222,7 @@ class TeacherSpec(StrictSettings):
         import os
 
         if value is not None:
+            value = os.path.expanduser(value)
             if not value.endswith(".safetensors"):
                 raise ValueError(f"expected a .safetensors state dict, got {value!r}")
             if not os.path.isfile(value):

@@ -133,6 +133,21 @@ def test_teacher_from_a_timm_name_and_a_safetensors_state_dict(tmp_path):
         build_teacher({"name": "test_resnet", "weights": str(other)})
 
 
+
+def test_a_teacher_file_with_its_classifier_loads_without_it(tmp_path, monkeypatch):
+    """An ImageNet state dict with its classifier (what `make weights` writes) is a teacher: the classifier keys
+    are dropped, every other key loads strictly; `~` in the path is the home folder."""
+    import timm
+    from safetensors.torch import save_file
+
+    donor = timm.create_model("test_resnet", num_classes=10)
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(tmp_path / "with_head.safetensors"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    teacher, dim = build_teacher({"name": "test_resnet", "weights": "~/with_head.safetensors"})
+    assert dim == donor.num_features
+    assert all(torch.equal(donor.state_dict()[k], v) for k, v in teacher.module.state_dict().items())
+
+
 CONFIG = {
     "name": "distill",
     "seed": 0,
