@@ -198,3 +198,27 @@ def test_retrieval_against_a_train_split_without_shared_classes_is_skipped(tmp_p
     assert not any(k.startswith("recall_at") for k in metrics)
     assert any("retrieval skipped" in line and "shares no class" in line for line in lines)
     assert "nmi" in metrics  # the rest of the stage still ran
+
+
+def test_the_same_split_twice_is_embedded_once(tmp_path, monkeypatch):
+    """train_split = eval_split (transductive clustering): one embedding serves kNN and clustering; another
+    training split is still embedded on its own."""
+    import pipeline.evaluate as ev
+
+    calls: list[int] = []
+
+    def fake_features(artifact, images, batch_size, *, bare=False, out_path=None):
+        calls.append(len(images))
+        return np.asarray(images, dtype=np.float32).reshape(len(images), -1)
+
+    monkeypatch.setattr(ev, "backbone_features", fake_features)
+    same = _squares(6, 0)
+    again = ImageSet(images=same.images.copy(), labels=same.labels, ids=None, class_names=CLASSES,
+                     source="synthetic", split="x")
+    assert ev.same_images(same, again) and not ev.same_images(same, _squares(6, 1))
+    metrics, _ = evaluate(_stage(tsne=False, html_report=False), artifact=tmp_path, train=same, evalset=again,
+                          out_dir=tmp_path / "a", log=lambda *_: None)
+    assert calls == [24] and metrics["knn_excluded_matches"] >= 24  # each query's own image left out
+    evaluate(_stage(tsne=False, html_report=False), artifact=tmp_path, train=_squares(6, 1), evalset=again,
+             out_dir=tmp_path / "b", log=lambda *_: None)
+    assert calls == [24, 24, 24]
