@@ -335,10 +335,11 @@ def test_listwise_losses_reject_embedding_expansion_and_miners():
         MetricSettings(loss="fastap", miner="hard")
 
 
-@pytest.mark.parametrize("loss", ["fastap", "smoothap"])
-def test_ap_loss_stages_train_under_ray_train(tmp_path, ray_session, loss):
-    """A metric stage with a listwise AP loss under Ray Train (2 workers, a global batch of 10 classes x 4):
-    the epoch loss falls and retrieval is reported."""
+def test_ap_loss_stage_trains_under_ray_train(tmp_path, ray_session):
+    """A metric stage with Smooth-AP, the stricter of the two listwise losses about its batches, under Ray Train
+    (2 workers, a global batch of 10 classes x 4 gathered from both): the epoch loss falls and retrieval is
+    reported. (FastAP goes through the same criterion; its fall is tested above.)"""
+    loss = "smoothap"
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import validate_config
@@ -348,12 +349,12 @@ def test_ap_loss_stages_train_under_ray_train(tmp_path, ray_session, loss):
         "name": f"ap-{loss}", "seed": 0, "data": {"source": "digits", "train_subset": 400, "eval_subset": 200},
         "backbone": {"name": "resnet18", "small_image_stem": True, "stem_stride": 2, "image_size": 16},
         "ray": {"num_workers": 2}, "registry": {"enabled": False},
-        "stages": [{"name": "m", "kind": "metric", "epochs": 4, "batch_size": 40, "log_every_steps": 100,
+        "stages": [{"name": "m", "kind": "metric", "epochs": 3, "batch_size": 40, "log_every_steps": 100,
                     "optimizer": {"lr": 0.003},
                     "settings": {"loss": loss, "images_per_class": 4, "embedding_dim": 32}}]})
     summary = PipelineRun(cfg, tmp_path / "out", log=lambda m: None).run()
     stage = summary["stages"]["m"]
     history = MlflowClient(summary["tracking_uri"]).get_metric_history(stage["run_id"], "loss")
     losses = [h.value for h in sorted(history, key=lambda h: h.step)]
-    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert 0.0 < stage["metrics"]["recall_at_1"] <= 1.0
