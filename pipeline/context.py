@@ -57,7 +57,7 @@ def load_split(config: PipelineConfig, which: str, log: Callable[[str], None] = 
         key = f"{listing.digest()}:{size}:{d.max_image_pixels}"
         if decoded is not None and key in decoded:
             log(f"data: {split} lists the same files as an already decoded split: shared, not decoded again")
-            return dataclasses.replace(decoded[key], split=split, digests=None)
+            return dataclasses.replace(decoded[key], split=split)
         out = decode_listing(listing, source=d.source, split=split, image_size=size,
                              max_image_pixels=d.max_image_pixels, log=log)
         if decoded is not None:

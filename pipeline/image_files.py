@@ -233,7 +233,7 @@ def _stat_all(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     mtimes = np.zeros(len(paths), dtype=np.int64)
     remote = [i for i, p in enumerate(paths) if is_uri(p)]
     for i, p in enumerate(paths):
-        if i in remote:
+        if is_uri(p):
             continue
         try:
             st = os.stat(p)

@@ -29,10 +29,9 @@ class ClusterExecutor(TrainingExecutor):
         from downstream.knn import nearest_neighbours
         from pipeline.evaluate import backbone_features
 
-        settings = stage.method_settings(2)
         t0 = time.time()
         features = backbone_features(Path(run.input_backbone), ctx.train.images, batch_size=512)
-        k = min(int(settings["num_neighbors"]), len(features) - 1)
+        k = min(int(stage.settings["num_neighbors"]), len(features) - 1)
         neighbours = nearest_neighbours(features, k)
         mined = {"neighbours": float(k), "mining_time_s": time.time() - t0}
         if ctx.train.labels is not None:  # how often a mined neighbour shares the image's class (SCAN reports it)
@@ -92,10 +91,11 @@ def assign(ctx: RunContext, stage: ClusterStage, model: Path, out_dir: Path) -> 
     artifacts: dict[str, str] = {}
     figures: list[tuple[str, str]] = []
     tables: dict = {}
-    defaults = EvaluateStage(name="defaults", kind="evaluate", input="pixels")
+    default = {k: EvaluateStage.model_fields[k].default
+               for k in ("grid_per_cluster", "cluster_page_images", "uncertain_images")}
     pages = cluster_outputs(stage.name, evalset, result, probs.shape[1], out_dir,
-                            per_cluster=defaults.grid_per_cluster, per_page=defaults.cluster_page_images,
-                            uncertain=defaults.uncertain_images, artifacts=artifacts, figures=figures, tables=tables)
+                            per_cluster=default["grid_per_cluster"], per_page=default["cluster_page_images"],
+                            uncertain=default["uncertain_images"], artifacts=artifacts, figures=figures, tables=tables)
     np.save(out_dir / "probabilities.npy", probs)
     artifacts["probabilities"] = str(out_dir / "probabilities.npy")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
