@@ -19,6 +19,8 @@ __all__ = ["knn_predict", "knn_accuracy", "Exclusion"]
 
 # faiss' GPU flat index supports k up to this value; larger k falls back to CPU.
 _GPU_MAX_K = 2048
+# Bank rows normalized and indexed at a time in knn_predict: 8192 x 512 float32 is 16 MB.
+BANK_CHUNK = 8192
 
 
 def _normalized(x, name: str) -> np.ndarray:
@@ -31,6 +33,64 @@ def _normalized(x, name: str) -> np.ndarray:
         raise ValueError(f"{name} contains NaN/inf values")
     # Zero rows stay zero (similarity 0 to everything) instead of becoming NaN.
     return np.ascontiguousarray(l2_normalize(x))
+
+
+def _matrix(x, name: str):
+    """A 2-D array-like (np.memmap stays a memmap: rows are read chunk by chunk)."""
+    x = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {x.shape}")
+    return x
+
+
+class _Bank:
+    """Exact top-k inner-product search over a bank held as it came (array or memmap): one flat index when
+    the bank fits one chunk; otherwise chunk by chunk, merging each chunk's best into the running best."""
+
+    def __init__(self, bank, k: int, use_gpu: bool | None, chunk: int):
+        if chunk < 1:
+            raise ValueError(f"bank_chunk must be >= 1, got {chunk}")
+        self.bank, self.k, self.use_gpu, self.chunk = bank, k, use_gpu, chunk
+        self.whole = _index(_normalized(bank, "train_features"), k, use_gpu) if len(bank) <= chunk else None
+
+    def search(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.whole is not None:
+            return self.whole.search(q, self.k)
+        best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+        best_i = np.full((len(q), 0), -1, dtype=np.int64)
+        for start in range(0, len(self.bank), self.chunk):
+            rows = self.bank[start:start + self.chunk]
+            part = _normalized(rows, "train_features")
+            _drop_pages(rows)
+            s, i = _index(part, self.k, self.use_gpu).search(q, min(self.k, len(part)))
+            s = np.where(i >= 0, s, -np.inf).astype(np.float32)
+            i = np.where(i >= 0, i + start, -1)
+            s, i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i], axis=1)
+            top = np.argsort(-s, axis=1, kind="stable")[:, :self.k]
+            best_s, best_i = np.take_along_axis(s, top, axis=1), np.take_along_axis(i, top, axis=1)
+        return best_s, best_i
+
+
+def _drop_pages(view) -> None:
+    """Take a memory-mapped chunk, once copied, out of this process's resident set (MADV_DONTNEED on a file
+    mapping: the pages stay in the page cache and are read again on the next access), so scanning a bank of
+    any size leaves the resident size where it was. Anything but a C-contiguous memmap on Linux: no-op."""
+    import ctypes
+    import mmap as mmap_module
+
+    if not isinstance(view, np.memmap) or not view.flags.c_contiguous or not view.nbytes:
+        return
+    advice = getattr(mmap_module, "MADV_DONTNEED", None)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    if advice is None or not hasattr(libc, "madvise"):
+        return
+    page = mmap_module.PAGESIZE
+    first = view.ctypes.data // page * page
+    last = -(-(view.ctypes.data + view.nbytes) // page) * page
+    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(advice))
 
 
 def _index(train: np.ndarray, k: int, use_gpu: bool | None):
@@ -56,6 +116,7 @@ def knn_predict(
     batch_size: int = 4096,
     exclude_self: bool = False,
     exclude: Exclusion | None = None,
+    bank_chunk: int = BANK_CHUNK,
 ) -> np.ndarray:
     """Predict a label for every query row by similarity-weighted kNN vote.
 
@@ -85,13 +146,15 @@ def knn_predict(
             ``k + exclude.max_per_query`` neighbours and keeps the first k that
             are not excluded; a query with fewer than k bank rows left votes with
             all of them. Positional ``exclude_self`` is ``Exclusion.self_rows``.
+        bank_chunk: bank rows normalized and indexed at a time (a bank larger than this is searched chunk by
+            chunk and the per-chunk neighbours merged), so a memory-mapped bank of any size costs a bounded
+            amount of memory; queries are normalized `batch_size` rows at a time for the same reason.
 
     Returns:
         (Q,) array of predicted labels (dtype of ``train_labels``). Ties between
         classes resolve to the smallest label.
     """
-    train = _normalized(train_features, "train_features")
-    query = _normalized(query_features, "query_features")
+    train, query = _matrix(train_features, "train_features"), _matrix(query_features, "query_features")
     labels = np.asarray(train_labels)
     n, d = train.shape
     if labels.shape != (n,):
@@ -136,13 +199,13 @@ def knn_predict(
     classes, codes = np.unique(labels, return_inverse=True)
     codes = codes.ravel().astype(np.int64)
     c = len(classes)
-    index = _index(train, k_search, use_gpu)
+    bank = _Bank(train, k_search, use_gpu, bank_chunk)
 
     out = np.empty(query.shape[0], dtype=np.int64)
     for start in range(0, query.shape[0], batch_size):
-        q = query[start : start + batch_size]
+        q = _normalized(query[start : start + batch_size], "query_features")
         b = q.shape[0]
-        sims, nbrs = index.search(q, k_search)
+        sims, nbrs = bank.search(q)
         sims = sims.astype(np.float64)
         keep = nbrs >= 0
         if exclude is not None:

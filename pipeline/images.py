@@ -17,6 +17,12 @@ class DataError(Exception):
 
 
 
+def id_keys(ids) -> np.ndarray:
+    """(N,) S16: a 128-bit hash of each id. Equal ids give equal keys; 16 bytes a row instead of a fixed-width
+    unicode copy of the longest path (4 bytes a character), which matters with a bank of millions."""
+    return np.array([hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in ids], dtype="S16")
+
+
 @dataclass
 class PixelMoments:
     """Exact integer pixel sums of a set: per-channel sums and channel cross-products, over `count` pixels per
@@ -168,7 +174,7 @@ class ImageSet:
         ``"id"`` (the source paths, ImageSet.ids) when both sets carry ids, else ``"pixels"``
         (:meth:`row_digests`)."""
         if self.ids is not None and other.ids is not None:
-            return np.asarray(self.ids, dtype=str), np.asarray(other.ids, dtype=str), "id"
+            return id_keys(self.ids), id_keys(other.ids), "id"
         return self.row_digests(), other.row_digests(), "pixels"
 
     def fingerprint(self) -> str:

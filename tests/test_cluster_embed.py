@@ -78,3 +78,4 @@ def test_cluster_embeddings_equal_the_in_process_ones_in_row_order(ray_session, 
     assert isinstance(via, np.memmap)
     np.testing.assert_allclose(via, expected, rtol=0, atol=1e-5)
     assert images.rows_read == 0  # the driver read no pixels: the actors did
+    assert not list(tmp_path.rglob(".embed-parts-*"))  # the actors' part files are gone, failed runs' too
