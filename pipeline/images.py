@@ -20,7 +20,10 @@ class DataError(Exception):
 def id_keys(ids) -> np.ndarray:
     """(N,) S16: a 128-bit hash of each id. Equal ids give equal keys; 16 bytes a row instead of a fixed-width
     unicode copy of the longest path (4 bytes a character), which matters with a bank of millions."""
-    return np.array([hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in ids], dtype="S16")
+    out = np.empty(len(ids), dtype="S16")
+    for row, i in enumerate(ids):  # filled in place: no list of a million bytes objects on the way
+        out[row] = hashlib.blake2b(str(i).encode(), digest_size=16).digest()
+    return out
 
 
 @dataclass
