@@ -302,6 +302,7 @@ def load(listing: Listing, *, source: str, split: str, size: int, max_pixels: in
         start_ray()
         build(listing, size=size, max_pixels=max_pixels, directory=directory, log=log)
     out = open_cache(directory, source=source, split=split)
+    release_free_memory()  # the Parquet read and the Python lists made on the way
     log(f"loaded {listing.where} ({split}) from the pixel cache: {len(out)} images "
         f"{'x'.join(map(str, out.images.shape[1:]))}"
         + (f", {len(out.class_names)} classes" if out.class_names else
