@@ -9,16 +9,14 @@ accuracy. numpy + faiss only, so it runs wherever the features are.
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
 from clustering import l2_normalize
 from downstream.exclusion import Exclusion
+from pretext.embeddings import inner_product_index
 
 __all__ = ["knn_predict", "knn_accuracy", "Exclusion"]
 
-# faiss' GPU flat index supports k up to this value; larger k falls back to CPU.
-_GPU_MAX_K = 2048
 # Bank rows normalized and indexed at a time in knn_predict: 8192 x 512 float32 is 16 MB.
 BANK_CHUNK = 8192
 
@@ -51,7 +49,8 @@ class _Bank:
         if chunk < 1:
             raise ValueError(f"bank_chunk must be >= 1, got {chunk}")
         self.bank, self.k, self.use_gpu, self.chunk = bank, k, use_gpu, chunk
-        self.whole = _index(_normalized(bank, "train_features"), k, use_gpu) if len(bank) <= chunk else None
+        whole = len(bank) <= chunk
+        self.whole = inner_product_index(_normalized(bank, "train_features"), k, use_gpu) if whole else None
 
     def search(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.whole is not None:
@@ -62,7 +61,7 @@ class _Bank:
             rows = self.bank[start:start + self.chunk]
             part = _normalized(rows, "train_features")
             _drop_pages(rows)
-            s, i = _index(part, self.k, self.use_gpu).search(q, min(self.k, len(part)))
+            s, i = inner_product_index(part, self.k, self.use_gpu).search(q, min(self.k, len(part)))
             s = np.where(i >= 0, s, -np.inf).astype(np.float32)
             i = np.where(i >= 0, i + start, -1)
             s, i = np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i], axis=1)
@@ -91,17 +90,6 @@ def _drop_pages(view) -> None:
     first = view.ctypes.data // page * page
     last = -(-(view.ctypes.data + view.nbytes) // page) * page
     libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(advice))
-
-
-def _index(train: np.ndarray, k: int, use_gpu: bool | None):
-    ngpu = faiss.get_num_gpus()
-    if use_gpu and ngpu == 0:
-        raise RuntimeError("use_gpu=True but faiss sees no GPU (faiss.get_num_gpus() == 0)")
-    index = faiss.IndexFlatIP(train.shape[1])
-    if ngpu > 0 and use_gpu is not False and k <= _GPU_MAX_K:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(train)
-    return index
 
 
 def knn_predict(
@@ -242,7 +230,7 @@ def nearest_neighbours(features, k: int, *, use_gpu: bool | None = None, batch_s
     n = len(x)
     if not 1 <= k < n:
         raise ValueError(f"nearest_neighbours: k must be in [1, {n - 1}] for {n} rows, got {k}")
-    index = _index(x, k + 1, use_gpu)
+    index = inner_product_index(x, k + 1, use_gpu)
     out = np.empty((n, k), dtype=np.int64)
     for start in range(0, n, batch_size):
         _, found = index.search(x[start:start + batch_size], k + 1)

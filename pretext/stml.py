@@ -538,7 +538,7 @@ def neighbour_batches(
     (rows are L2-normalized here); the authors embed with the student's g head (see
     :func:`embed_for_sampling`) and search Euclidean on raw embeddings -- cosine is used here.
     """
-    import faiss
+    from pretext.embeddings import inner_product_index
 
     x = _unit_rows(embeddings)
     n = x.shape[0]
@@ -566,8 +566,7 @@ def neighbour_batches(
     # With fewer than batch_size images placed, the nearest batch_size + num_neighbors always hold enough
     # free ones, so one exact search per query suffices.
     k_search = min(n, batch_size + num_neighbors)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
+    index = inner_product_index(np.ascontiguousarray(x, dtype=np.float32), k_search)  # GPU when faiss has one
 
     batches: list[np.ndarray] = []
     batch_queries: list[np.ndarray] = []
