@@ -73,11 +73,13 @@ class _Bank:
 def _drop_pages(view) -> None:
     """Take a memory-mapped chunk, once copied, out of this process's resident set (MADV_DONTNEED on a file
     mapping: the pages stay in the page cache and are read again on the next access), so scanning a bank of
-    any size leaves the resident size where it was. Anything but a C-contiguous memmap on Linux: no-op."""
+    any size leaves the resident size where it was. Anything but a shared, C-contiguous memmap on Linux: no-op."""
     import ctypes
     import mmap as mmap_module
 
     if not isinstance(view, np.memmap) or not view.flags.c_contiguous or not view.nbytes:
+        return
+    if getattr(view, "mode", "c") == "c":  # a private copy-on-write map: dropping would lose written pages
         return
     advice = getattr(mmap_module, "MADV_DONTNEED", None)
     try:
