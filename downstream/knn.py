@@ -13,7 +13,7 @@ import numpy as np
 
 from clustering import l2_normalize
 from downstream.exclusion import Exclusion
-from pretext.embeddings import inner_product_index
+from pretext.search import inner_product_index
 
 __all__ = ["knn_predict", "knn_accuracy", "Exclusion"]
 

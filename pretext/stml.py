@@ -538,7 +538,7 @@ def neighbour_batches(
     (rows are L2-normalized here); the authors embed with the student's g head (see
     :func:`embed_for_sampling`) and search Euclidean on raw embeddings -- cosine is used here.
     """
-    from pretext.embeddings import inner_product_index
+    from pretext.search import inner_product_index
 
     x = _unit_rows(embeddings)
     n = x.shape[0]
