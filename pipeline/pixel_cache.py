@@ -270,8 +270,6 @@ def build(listing: Listing, *, size: int, max_pixels: int, directory: Path, log:
     os.replace(work, directory)
     log(f"pixel cache: {len(keep)} images, {len(skipped)} unreadable file(s) skipped, "
         f"{len(firsts)} shard(s), built in {meta['build_seconds']:.1f}s")
-    del res, parts, blocks, ds
-    release_free_memory()  # the per-row results of every block passed through here
 
 
 def open_cache(directory: Path, *, source: str, split: str) -> ImageSet:
@@ -302,7 +300,7 @@ def load(listing: Listing, *, source: str, split: str, size: int, max_pixels: in
         start_ray()
         build(listing, size=size, max_pixels=max_pixels, directory=directory, log=log)
     out = open_cache(directory, source=source, split=split)
-    release_free_memory()  # the Parquet read and the Python lists made on the way
+    release_free_memory()  # what a build's per-block results, the Parquet read and the lists on the way freed
     log(f"loaded {listing.where} ({split}) from the pixel cache: {len(out)} images "
         f"{'x'.join(map(str, out.images.shape[1:]))}"
         + (f", {len(out.class_names)} classes" if out.class_names else
