@@ -6,8 +6,13 @@ architecture) on the labels of Fashion-MNIST classes 0-4 and evaluated by leave-
 (Recall@K, MAP@R, cosine) on test images of classes 5-9. The untrained embedder (that random init:
 backbone + fresh head) is embedded here too, so each row can be read against where it started.
 
-Usage: python bench/metric.py [--quick] [--reuse] [--set KEY=VALUE ...]   (writes a section of bench/RESULTS.md;
---quick: a tiny smoke run that does not touch RESULTS.md)
+With `--retrieval`: the retrieval pieces on the same unseen-class protocol from an ImageNet start
+(configs/fmnist_retrieval.yaml): cosine / Euclidean / whitened Mahalanobis / LMNN distances on the untouched
+ImageNet embedding; the triplet loss with average, GeM and NetVLAD pooling (run 1); then contrastive, FastAP and
+Smooth-AP with whichever pooling won on MAP@R in run 1 (run 2). Its own section of bench/RESULTS.md.
+
+Usage: python bench/metric.py [--quick] [--retrieval] [--reuse] [--set KEY=VALUE ...]   (writes a section of
+bench/RESULTS.md; --quick: a tiny smoke run that does not touch RESULTS.md)
 """
 
 from __future__ import annotations
@@ -131,27 +136,124 @@ def fmt(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+RETRIEVAL_HEADING = "## Retrieval: pooling, AP losses and learned distances"
+DISTANCE_ROWS = (("imagenet", "cosine"), ("imagenet_euclidean", "Euclidean"),
+                 ("imagenet_mahalanobis", "whitened Mahalanobis"), ("imagenet_lmnn", "LMNN"))
+POOLINGS = ("avg", "gem", "netvlad")
+AP_LOSSES = ("contrastive", "fastap", "smoothap")
+# --quick --retrieval: a few hundred images at 32 px, one short epoch per stage
+RETRIEVAL_QUICK = ["data.train_subset=300", "data.eval_subset=200", "data.load_size=32", "backbone.image_size=32"]
+
+
+def run_pipeline(config: dict, out: Path, overrides: list[str], reuse: bool) -> dict:
+    """Run `config` into `out` (every stage trained again) unless `reuse` finds its summary; the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if not (reuse and (out / "summary.json").exists()):
+        start = time.time()
+        subprocess.run(fresh_run_command(config_path, out, overrides), check=True, cwd=ROOT)
+        summary = json.loads((out / "summary.json").read_text())
+        summary["wall_time_s"] = time.time() - start
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return json.loads((out / "summary.json").read_text())
+
+
+def retrieval_main(args) -> None:
+    """Two pipeline runs of configs/fmnist_retrieval.yaml's stages (see the module docstring) and the table."""
+    base = yaml.safe_load((ROOT / "configs" / "fmnist_retrieval.yaml").read_text())
+    overrides = args.overrides + (RETRIEVAL_QUICK if args.quick else [])
+    by_name = {s["name"]: s for s in base["stages"]}
+    if args.quick:
+        for s in base["stages"]:
+            if s["kind"] == "metric":
+                s.update(epochs=1, log_every_steps=1000)
+    first = dict(base, name="bench_retrieval", stages=[
+        s for s in base["stages"] if s["kind"] == "evaluate" or s["settings"]["loss"] == "triplet"])
+    tag = "_quick" if args.quick else ""
+    run1 = run_pipeline(first, WORK / f"retrieval{tag}", overrides, args.reuse)["stages"]
+    best = max(POOLINGS, key=lambda p: run1[f"triplet_{p}"]["metrics"]["map_at_r"])
+    second_stages = []
+    for loss in AP_LOSSES:
+        stage = copy.deepcopy(by_name[f"{loss}_gem"])
+        stage["name"] = f"{loss}_{best}"
+        stage["settings"] = dict(by_name[f"triplet_{best}"]["settings"], loss=loss)
+        second_stages.append(stage)
+    run2 = run_pipeline(dict(base, name="bench_retrieval_losses", stages=second_stages),
+                        WORK / f"retrieval_losses{tag}", overrides, args.reuse)["stages"]
+    stages = {**run1, **run2}
+    resolved = yaml.safe_load((WORK / f"retrieval{tag}" / "config.resolved.yaml").read_text())
+    data, bb = resolved["data"], resolved["backbone"]
+    metric = next(s for s in resolved["stages"] if s["kind"] == "metric")
+
+    def row(label: str, distance: str, name: str) -> str:
+        m = stages[name]["metrics"]
+        time_s = fmt(m.get("stage_time_s"), 0) if stages[name]["kind"] == "metric" else "-"
+        return f"| {label} | {distance} | " + " | ".join(fmt(m.get(k)) for k in KEYS) + f" | {time_s} |"
+
+    lines = [
+        f"{RETRIEVAL_HEADING} (bench/metric.py --retrieval)",
+        "",
+        f"Machine: {machine()}.",
+        f"Command: `python bench/metric.py --retrieval{' --quick' if args.quick else ''}"
+        + "".join(f" --set {o}" for o in args.overrides) + "` (configs/fmnist_retrieval.yaml, in two runs: the "
+        "distances and the triplet loss with each pooling, then the other losses with the pooling that won on "
+        f"MAP@R). Input backbone: {bb['name']} with its ImageNet weights ({bb.get('weights')}), {bb['image_size']} "
+        f"px. Metric stages: {metric['epochs']} epoch(s) on the labels of {data['train_subset']} training images of "
+        f"{classes(data.get('train_classes'))}, {metric['settings']['embedding_dim']}-d L2-normalized embedding, "
+        f"{metric['settings']['images_per_class']} images per class in a batch, {metric['optimizer']['name']} lr "
+        f"{metric['optimizer']['lr']}, {resolved['ray']['num_workers']} Ray Train workers, seed "
+        f"{resolved.get('seed', 0)}; NetVLAD with {by_name['triplet_netvlad']['settings']['netvlad_clusters']} "
+        "centres from k-means of local features and its projection started as their PCA whitening. Evaluation: "
+        f"leave-one-out retrieval on {data['eval_subset']} test images of the unseen "
+        f"{classes(data.get('eval_classes'))} (metric stages: cosine). Mahalanobis whitens with the training "
+        "split's covariance; LMNN learns its map from the training split's labels (classes no query belongs to).",
+        "",
+        "| embedding | distance | " + " | ".join(KEYS) + " | stage time (s) |",
+        "|---|---|" + "---|" * (len(KEYS) + 1),
+        row("raw pixels", "cosine", "pixels"),
+    ]
+    lines += [row("ImageNet, untouched", label, name) for name, label in DISTANCE_ROWS]
+    lines += [row(f"triplet, {p} pooling", "cosine", f"triplet_{p}") for p in POOLINGS]
+    lines += [row(f"{loss}, {best} pooling", "cosine", f"{loss}_{best}") for loss in AP_LOSSES]
+    base_map = stages["triplet_avg"]["metrics"]["map_at_r"]
+    better_pool = [p for p in POOLINGS[1:] if stages[f"triplet_{p}"]["metrics"]["map_at_r"] > base_map]
+    better_ap = [loss for loss in AP_LOSSES[1:] if stages[f"{loss}_{best}"]["metrics"]["map_at_r"] > base_map]
+    r1 = {name: stages[name]["metrics"]["recall_at_1"] for name, _ in DISTANCE_ROWS}
+    met = lambda ok: "met" if ok else "not met"  # noqa: E731
+    lines += [
+        "",
+        f"- Pooling against the avg-pooled triplet baseline (MAP@R {base_map:.4f}): "
+        + ", ".join(f"{p} {stages[f'triplet_{p}']['metrics']['map_at_r'] - base_map:+.4f}" for p in POOLINGS[1:])
+        + f" (goal, one pooling above it: {met(bool(better_pool))}); best pooling: **{best}**.",
+        f"- AP losses with {best} pooling against the same baseline: "
+        + ", ".join(f"{loss} {stages[f'{loss}_{best}']['metrics']['map_at_r'] - base_map:+.4f}" for loss in AP_LOSSES[1:])
+        + f" (goal, one AP loss above it: {met(bool(better_ap))}).",
+        f"- Learned distance on the ImageNet embedding, R@1: LMNN {r1['imagenet_lmnn']:.4f} against whitened "
+        f"Mahalanobis {r1['imagenet_mahalanobis']:.4f} ({r1['imagenet_lmnn'] - r1['imagenet_mahalanobis']:+.4f}; goal, "
+        f"LMNN above whitening: {met(r1['imagenet_lmnn'] > r1['imagenet_mahalanobis'])}); Euclidean "
+        f"{r1['imagenet_euclidean']:.4f}, cosine {r1['imagenet']:.4f}.",
+        "- One seed, one run per row.",
+        "",
+    ]
+    print("\n".join(lines))
+    if not args.quick or args.results != RESULTS:
+        write_section(lines[0], "\n".join(lines[1:]), args.results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (RESULTS.md untouched)")
+    parser.add_argument("--retrieval", action="store_true", help="the retrieval pieces (configs/fmnist_retrieval.yaml)")
     parser.add_argument("--reuse", action="store_true", help="report the last run again")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     add_results_argument(parser)
     args = parser.parse_args()
+    if args.retrieval:
+        return retrieval_main(args)
     size = QUICK if args.quick else FULL
     out = WORK / ("metric_quick" if args.quick else "metric")
-    out.mkdir(parents=True, exist_ok=True)
-    config = build_config(size)
-    config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    if not (args.reuse and (out / "summary.json").exists()):
-        cmd = fresh_run_command(config_path, out, args.overrides)
-        start = time.time()
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        summary = json.loads((out / "summary.json").read_text())
-        summary["wall_time_s"] = time.time() - start
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    summary = json.loads((out / "summary.json").read_text())
+    summary = run_pipeline(build_config(size), out, args.overrides, args.reuse)
     stages = summary["stages"]
     resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())  # what the run ran, --set included
     start_point = untrained_metrics(summary, resolved)
@@ -168,8 +270,8 @@ def main() -> None:
         "",
         "| embedding | EE | " + " | ".join(KEYS) + " | stage time (s) |",
         "|---|---|" + "---|" * (len(KEYS) + 1),
-        f"| raw pixels | - | " + " | ".join(fmt(stages["pixels"]["metrics"].get(k)) for k in KEYS) + " | - |",
-        f"| random init, untrained | - | " + " | ".join(fmt(start_point.get(k)) for k in KEYS) + " | - |",
+        "| raw pixels | - | " + " | ".join(fmt(stages["pixels"]["metrics"].get(k)) for k in KEYS) + " | - |",
+        "| random init, untrained | - | " + " | ".join(fmt(start_point.get(k)) for k in KEYS) + " | - |",
     ]
     gains = []
     for loss in LOSSES:

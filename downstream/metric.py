@@ -102,6 +102,22 @@ def m_per_class_batches(labels: np.ndarray, *, images_per_class: int, batch_size
     return out
 
 
+@torch.no_grad()
+def pca_whitening(x: Tensor, out_dim: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(weight (out_dim, D), bias (out_dim,)) of the linear map that projects `x` (N, D) onto its top principal
+    components and scales each to unit variance: ``W = diag(s^-1) U^T``, ``b = -W mean``. Components beyond the
+    sample's rank (N - 1) get zero weight, so a small sample never invents directions."""
+    x = x.double()
+    mean = x.mean(dim=0)
+    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    k = min(out_dim, vt.shape[0], max(len(x) - 1, 1))
+    std = s[:k] / max(len(x) - 1, 1) ** 0.5
+    weight = torch.zeros(out_dim, x.shape[1], dtype=torch.float64, device=x.device)
+    weight[:k] = vt[:k] / (std[:, None] + eps)
+    bias = -(weight @ mean)
+    return weight.float(), bias.float()
+
+
 class MetricLearning(Method):
     """Labeled method: ``training_step(images, labels)`` embeds (augmented) images and applies the loss.
 
@@ -190,9 +206,17 @@ class MetricLearning(Method):
         local = F.normalize(torch.cat(maps).float(), dim=1).permute(0, 2, 3, 1).reshape(-1, maps[0].shape[1])
         local = local[torch.from_numpy(rng.permutation(len(local))[:max_descriptors]).to(local.device)]
         centres = torch.from_numpy(kmeans(local.cpu().numpy(), self.pool.clusters, seed=seed).centroids).to(device)
-        if dist.is_available() and dist.is_initialized():
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
             dist.broadcast(centres, src=0)
         self.pool.init_centres(centres)
+        if self.settings.netvlad_whiten_init:
+            weight, bias = pca_whitening(torch.cat([self.pool(m) for m in maps]), self.head.out_features)
+            if distributed:
+                dist.broadcast(weight, src=0)
+                dist.broadcast(bias, src=0)
+            self.head.weight.copy_(weight)
+            self.head.bias.copy_(bias)
 
     def export_module(self) -> tuple[nn.Module, dict[str, Any]]:
         """The retrieval embedder (backbone [+ GeM/NetVLAD] + head, L2-normalized), sharing the method's modules."""

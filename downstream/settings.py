@@ -64,6 +64,9 @@ class MetricSettings(MethodSettings):
         "avg", description="global descriptor: the backbone's average pooling, GeM (learnable p) or NetVLAD")
     gem_p: float = Field(3.0, ge=1.0, le=20.0, description="GeM's initial exponent")
     netvlad_clusters: int = Field(16, ge=2, le=256, description="NetVLAD centres (k-means of local features at start)")
+    netvlad_whiten_init: bool = Field(
+        True, description="NetVLAD: start the projection to embedding_dim as the PCA whitening of the input "
+        "backbone's NetVLAD descriptors on the k-means sample (the NetVLAD paper's reduction); false: random")
 
     @model_validator(mode="after")
     def _miner_fits_loss(self) -> "MetricSettings":

@@ -154,13 +154,19 @@ def read_backbone_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_backbone(directory: str | os.PathLike, *, with_meta: bool = False, bare: bool = False):
+def load_backbone(directory: str | os.PathLike, *, with_meta: bool = False, bare: bool = False,
+                  pooling: str = "avg"):
     """Rebuild the backbone from `backbone.json` and load `model.safetensors` (no pickle).
 
     Artifacts of refine stages carry an embedding head (`export` in the metadata): the returned module
     is then backbone + pooling + head, which is what retrieval and clustering use. `bare=True` returns
-    just the timm backbone, e.g. to train it further.
+    just the timm backbone, e.g. to train it further; with `pooling="gem"` that backbone's last feature map
+    is pooled by GeM (p = 3, fixed) instead of its own global pooling (evaluate stages' `pooling`).
     """
+    if pooling not in ("avg", "gem"):
+        raise ValueError(f"load_backbone: pooling must be 'avg' or 'gem', got {pooling!r}")
+    if pooling == "gem" and not bare:
+        raise ValueError("load_backbone: pooling 'gem' replaces the backbone's own pooling; it needs bare=True")
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -194,6 +200,10 @@ def load_backbone(directory: str | os.PathLike, *, with_meta: bool = False, bare
         first = str(err).splitlines()[0]
         raise BackboneError(f"{weights} does not match architecture '{meta['timm_name']}': {first}") from None
     module = model if bare else module
+    if pooling == "gem":
+        from pretext.pooling import GeM, PooledBackbone
+
+        module = PooledBackbone(model, GeM(3.0, learnable=False), meta["feature_dim"])
     module.eval()
     return (module, meta) if with_meta else module
 

@@ -25,10 +25,11 @@ import numpy as np
 class _Embedder:
     """One actor of the pool: the artifact's module, loaded once; a call embeds the rows a batch names."""
 
-    def __init__(self, artifact: str, images, bare: bool, batch_size: int, use_gpu: bool, parts: str) -> None:
+    def __init__(self, artifact: str, images, bare: bool, batch_size: int, use_gpu: bool, parts: str,
+                 pooling: str = "avg") -> None:
         from pipeline.backbones import load_backbone
 
-        self.model, self.meta = load_backbone(artifact, with_meta=True, bare=bare)
+        self.model, self.meta = load_backbone(artifact, with_meta=True, bare=bare, pooling=pooling)
         self.images, self.batch_size, self.parts = images, batch_size, parts
         # bf16 on GPUs, where it is fast and the embedding tolerates it; fp32 on CPUs, where autocast is slow
         self.device, self.precision = ("cuda", "bf16") if use_gpu else ("cpu", "fp32")
@@ -78,7 +79,7 @@ def parts_folder(images, out_path: Path) -> Path:
 
 
 def embed_on_cluster(artifact: Path, images, *, batch_size: int, bare: bool, out_path: Path, use_gpu: bool,
-                     concurrency: int) -> np.ndarray:
+                     concurrency: int, pooling: str = "avg") -> np.ndarray:
     """(N, D) float32 embeddings of `images` (anything with len() whose rows an int array selects and that
     pickles cheaply) by `concurrency` actors (one GPU each with `use_gpu`), written to `out_path` and
     returned as a read-only memory map of it, rows in row-id order.
@@ -100,7 +101,7 @@ def embed_on_cluster(artifact: Path, images, *, batch_size: int, bare: bool, out
         dataset = ray.data.range(n).map_batches(
             _Embedder, batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
             num_gpus=1 if use_gpu else None,
-            fn_constructor_kwargs={"artifact": str(artifact), "images": images, "bare": bare,
+            fn_constructor_kwargs={"artifact": str(artifact), "images": images, "bare": bare, "pooling": pooling,
                                    "batch_size": batch_size, "use_gpu": use_gpu, "parts": str(parts)},
         )
         seen = np.zeros(n, dtype=bool)

@@ -418,6 +418,11 @@ class EvaluateStage(StageBase):
         "embedding", description="embedding: what the input artifact embeds with (a refine or metric stage's head "
         "included); backbone: its backbone's pooled features alone, e.g. an STML-refined backbone without f",
     )
+    pooling: Literal["avg", "gem"] = Field(
+        "avg", description="features: backbone: the backbone's own global pooling (avg), or GeM (p = 3) of its "
+        "last feature map, the usual descriptor for instance retrieval (CNN backbones). NetVLAD is learned: train "
+        "it in a metric stage, whose artifact embeds with it",
+    )
     batch_size: int = execution_only(512, ge=1, description="images per embedding batch")
     pixels_max_gib: float = execution_only(
         4.0, gt=0.0, description="input: pixels holds both splits as float32 features in memory: a larger "
@@ -435,8 +440,9 @@ class EvaluateStage(StageBase):
         1, ge=1, le=100, description="k-means runs from different seeds; the lowest-inertia one is kept (NMI of "
         "a single run varies by a few points between seeds)",
     )
-    cluster_space: Literal["embedding", "umap"] = Field(
-        "embedding", description="umap: cluster UMAP coordinates of the embedding (N2D); plain k-means on the "
+    cluster_space: Literal["embedding", "umap", "lmnn"] = Field(
+        "embedding", description="umap: cluster UMAP coordinates of the embedding (N2D); lmnn: cluster the "
+        "embedding mapped by LMNN, learned from the training split's labels; either way plain k-means on the "
         "embedding is reported next to it as embedding_kmeans_*",
     )
     cluster_algorithm: Literal["kmeans", "gmm"] = Field(
@@ -504,6 +510,9 @@ class EvaluateStage(StageBase):
     def _backbone_features_need_a_backbone(self) -> "EvaluateStage":
         if self.features == "backbone" and self.input == "pixels":
             raise ValueError("features: backbone needs a backbone input, not 'pixels'")
+        if self.pooling != "avg" and self.features != "backbone":
+            raise ValueError(f"pooling: {self.pooling} pools the backbone's feature map in place of its own pooling; "
+                             "set features: backbone (an artifact's embedding keeps the pooling it was trained with)")
         return self
 
     @model_validator(mode="after")

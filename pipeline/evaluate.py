@@ -58,9 +58,10 @@ def _ray_running() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def backbone_features(artifact: Path, images, batch_size: int, *, bare: bool = False,
+def backbone_features(artifact: Path, images, batch_size: int, *, bare: bool = False, pooling: str = "avg",
                       out_path: Path | None = None) -> np.ndarray:
-    """Embeddings of `images` by the artifact's exported module, or by its backbone alone with `bare`.
+    """Embeddings of `images` by the artifact's exported module, or by its backbone alone with `bare` (pooled
+    by GeM with `pooling="gem"`).
 
     Images that are not an in-memory array (the streamed backend's array-like, whose rows are read from
     files) are embedded on the Ray cluster when Ray is running (:mod:`pipeline.cluster_embed`: one actor per
@@ -76,13 +77,13 @@ def backbone_features(artifact: Path, images, batch_size: int, *, bare: bool = F
 
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        options = dict(batch_size=batch_size, bare=bare, use_gpu=gpus > 0,
+        options = dict(batch_size=batch_size, bare=bare, pooling=pooling, use_gpu=gpus > 0,
                        concurrency=gpus or max(1, int(resources.get("CPU", 1)) // 4))
         if out_path is not None:
             return embed_on_cluster(artifact, images, out_path=out_path, **options)
         with tempfile.TemporaryDirectory() as scratch:  # the memory map outlives its removed file
             return embed_on_cluster(artifact, images, out_path=Path(scratch) / "embeddings.npy", **options)
-    model, meta = load_backbone(artifact, with_meta=True, bare=bare)
+    model, meta = load_backbone(artifact, with_meta=True, bare=bare, pooling=pooling)
     return embed_with(model, meta, images, batch_size)
 
 
@@ -201,15 +202,19 @@ def _method_name(stage: EvaluateStage, dim: int) -> str:
         method = f"GMM ({default_covariance(dim)} covariance)"
     else:
         method = f"{'spherical ' if stage.spherical_kmeans and stage.cluster_space == 'embedding' else ''}k-means"
-    return method + (f" on UMAP-{stage.umap_components}" if stage.cluster_space == "umap" else "")
+    spaces = {"umap": f" on UMAP-{stage.umap_components}", "lmnn": " in the LMNN space"}
+    return method + spaces.get(stage.cluster_space, "")
 
 
 def _cluster(stage: EvaluateStage, feats: np.ndarray, evalset: ImageSet, out_dir: Path, seed: int,
-             log: Callable[[str], None], metrics: dict, artifacts: dict, figures: list, tables: dict):
+             log: Callable[[str], None], metrics: dict, artifacts: dict, figures: list, tables: dict,
+             train_feats: np.ndarray | None = None, train_labels: np.ndarray | None = None):
     """The chosen clustering of the L2-normalized features: (result, k), its metrics added to `metrics`.
 
     `cluster_space: umap` clusters UMAP coordinates of `feats` (cosine; saved as cluster_space.npy), where
-    spherical k-means does not apply (the coordinates are not directions). `cluster_algorithm: gmm` fits a
+    spherical k-means does not apply (the coordinates are not directions); `cluster_space: lmnn` clusters
+    `feats` mapped by LMNN fitted on the L2-normalized training features and their labels (downstream.lmnn),
+    so the clusters follow the distance the labels teach. `cluster_algorithm: gmm` fits a
     Gaussian mixture. Either way plain k-means on the embedding is run too, with the same k, and reported as
     embedding_kmeans_* next to the chosen one; the unprefixed metrics (nmi, ...) are the chosen clustering's.
     """
@@ -217,8 +222,9 @@ def _cluster(stage: EvaluateStage, feats: np.ndarray, evalset: ImageSet, out_dir
 
     name = stage.name
     umap_space = stage.cluster_space == "umap"
+    mapped_space = stage.cluster_space != "embedding"
     use_gmm = stage.cluster_algorithm == "gmm"
-    spherical = bool(stage.spherical_kmeans) and not umap_space
+    spherical = bool(stage.spherical_kmeans) and not mapped_space
     space = feats
     if umap_space:
         t0 = time.time()
@@ -230,6 +236,19 @@ def _cluster(stage: EvaluateStage, feats: np.ndarray, evalset: ImageSet, out_dir
         artifacts["cluster_space"] = str(out_dir / "cluster_space.npy")
         log(f"[{name}] UMAP to {stage.umap_components}-d (cosine, {stage.umap_neighbors} neighbours) fitted on "
             f"{fitted.size} of {len(feats)} images in {metrics['cluster_umap_time_s']:.1f}s")
+    elif stage.cluster_space == "lmnn":
+        from clustering import l2_normalize
+        from downstream.lmnn import fit_lmnn
+
+        if train_feats is None or train_labels is None:
+            raise ValueError(f"stage '{name}': cluster_space lmnn learns its map from the training split's labels")
+        t0 = time.time()
+        mean, matrix = fit_lmnn(l2_normalize(train_feats), train_labels, seed=seed)
+        space = np.ascontiguousarray((feats - mean) @ matrix, dtype=np.float32)
+        metrics["cluster_lmnn_time_s"] = time.time() - t0
+        np.save(out_dir / "cluster_space.npy", space)
+        artifacts["cluster_space"] = str(out_dir / "cluster_space.npy")
+        log(f"[{name}] LMNN map fitted on the training split's labels in {metrics['cluster_lmnn_time_s']:.1f}s")
     method = _method_name(stage, space.shape[1])
     iterations = stage.gmm_iterations if use_gmm else stage.kmeans_iterations
 
@@ -270,7 +289,7 @@ def _cluster(stage: EvaluateStage, feats: np.ndarray, evalset: ImageSet, out_dir
         metrics.update(cluster_metrics(evalset.labels, result.assignments))
         log(f"[{name}] {method} (k={k}): " + "  ".join(f"{label} {metrics[key]:.4f}" for key, label in _METRIC_NAMES))
 
-    if umap_space or use_gmm:  # the plain k-means on the embedding, next to the chosen clustering
+    if mapped_space or use_gmm:  # the plain k-means on the embedding, next to the chosen clustering
         t0 = time.time()
         plain = kmeans(feats, k, niter=stage.kmeans_iterations, nredo=stage.kmeans_restarts, seed=seed,
                        spherical=bool(stage.spherical_kmeans))
@@ -374,15 +393,16 @@ def evaluate(
         check_pixel_budget(stage, train, evalset)
         train_x, eval_x = pixel_features(train.images), pixel_features(evalset.images)
     else:
-        bare = stage.features == "backbone"
+        bare, pooling = stage.features == "backbone", stage.pooling
         if bare:
-            log(f"[{name}] features: the backbone's pooled features alone (an embedding head, if any, left out)")
-        eval_x = backbone_features(artifact, evalset.images, stage.batch_size, bare=bare,
+            log(f"[{name}] features: the backbone's {'GeM-' if pooling == 'gem' else ''}pooled features alone "
+                "(an embedding head, if any, left out)")
+        eval_x = backbone_features(artifact, evalset.images, stage.batch_size, bare=bare, pooling=pooling,
                                    out_path=out_dir / "embeddings.npy")
         if same_images(train, evalset):  # train_split = eval_split (transductive clustering): embedded once
             train_x = eval_x
         else:
-            train_x = backbone_features(artifact, train.images, stage.batch_size, bare=bare)
+            train_x = backbone_features(artifact, train.images, stage.batch_size, bare=bare, pooling=pooling)
     metrics["embed_time_s"] = time.time() - t0
     log(f"[{name}] embedded {len(train_x)} + {len(eval_x)} images ({eval_x.shape[1]}-d) in {metrics['embed_time_s']:.1f}s")
 
@@ -416,7 +436,8 @@ def evaluate(
                              retrieval_excluded_matches=int(metrics["retrieval_excluded_matches"]))
 
     feats = l2_normalize(eval_x)
-    km, k = _cluster(stage, feats, evalset, out_dir, seed, log, metrics, artifacts, figures, tables)
+    km, k = _cluster(stage, feats, evalset, out_dir, seed, log, metrics, artifacts, figures, tables,
+                     train_feats=train_x, train_labels=train.labels)
 
     pages = cluster_outputs(name, evalset, km, k, out_dir, per_cluster=stage.grid_per_cluster,
                             per_page=stage.cluster_page_images, uncertain=stage.uncertain_images,

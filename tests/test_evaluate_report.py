@@ -167,7 +167,7 @@ def test_rerun_with_fewer_clusters_leaves_no_stale_pages(tmp_path):
     ({"choose_k": {"min": 2, "maxk": 3}}, "stages[ev].choose_k.maxk: unknown key"),
     ({"clusters": 4, "choose_k": {"min": 2}}, "choose_k applies to clusters: auto, but clusters is 4"),
     ({"mahalanobis_shrinkage": 1.5}, "stages[ev].mahalanobis_shrinkage: mahalanobis_shrinkage must be in [0, 1]"),
-    ({"cluster_space": "tsne"}, "stages[ev].cluster_space: Input should be 'embedding' or 'umap'"),
+    ({"cluster_space": "tsne"}, "stages[ev].cluster_space: Input should be 'embedding', 'umap' or 'lmnn'"),
     ({"cluster_algorithm": "dbscan"}, "stages[ev].cluster_algorithm: Input should be 'kmeans' or 'gmm'"),
     ({"umap_components": 1}, "stages[ev].umap_components:"),
     ({"umap_fit_sample": 10}, "stages[ev].umap_fit_sample:"),
@@ -207,7 +207,7 @@ def test_the_same_split_twice_is_embedded_once(tmp_path, monkeypatch):
 
     calls: list[int] = []
 
-    def fake_features(artifact, images, batch_size, *, bare=False, out_path=None):
+    def fake_features(artifact, images, batch_size, *, bare=False, pooling="avg", out_path=None):
         calls.append(len(images))
         return np.asarray(images, dtype=np.float32).reshape(len(images), -1)
 

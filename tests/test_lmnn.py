@@ -1,4 +1,5 @@
-"""LMNN: a learned distance that discounts a noise feature; a config without labels is exit 2."""
+"""LMNN: a learned distance that discounts a noise feature, k-means in its space; a config without labels is
+exit 2."""
 
 from __future__ import annotations
 
@@ -32,7 +33,28 @@ def test_lmnn_shrinks_the_noise_features_and_beats_euclidean():
     assert learned > plain + 0.1, (plain, learned)
 
 
-def test_lmnn_without_labels_is_exit_2(tmp_path):
+def test_kmeans_in_the_lmnn_space_beats_kmeans_on_the_embedding(tmp_path):
+    """`cluster_space: lmnn`: k-means on digits pixels mapped by LMNN fitted on the training labels separates the
+    classes better than k-means on the pixels themselves (reported next to it)."""
+    from pipeline.config import EvaluateStage
+    from pipeline.data import load_images
+    from pipeline.evaluate import evaluate
+
+    quiet = dict(log=lambda *_: None)
+    train, evalset = load_images("digits", "train", subset=400, **quiet), load_images("digits", "test", subset=300, **quiet)
+    stage = EvaluateStage.model_validate({"name": "ev", "kind": "evaluate", "input": "pixels", "knn_k": 10,
+                                          "tsne": False, "html_report": False, "cluster_space": "lmnn",
+                                          "kmeans_restarts": 3})
+    lines: list[str] = []
+    metrics, artifacts = evaluate(stage, artifact=None, train=train, evalset=evalset, out_dir=tmp_path,
+                                  log=lines.append)
+    assert metrics["nmi"] > metrics["embedding_kmeans_nmi"] + 0.03, metrics
+    assert np.load(artifacts["cluster_space"]).shape[0] == len(evalset)
+    assert any("k-means in the LMNN space (k=10): NMI" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("key", ["retrieval_distance", "cluster_space"])
+def test_lmnn_without_labels_is_exit_2(tmp_path, key):
     import subprocess
     import sys
     import textwrap
@@ -46,10 +68,10 @@ def test_lmnn_without_labels_is_exit_2(tmp_path):
     config.write_text(textwrap.dedent(f"""
         name: lmnn
         data: {{source: folder, root: {tmp_path}, load_size: 8}}
-        stages: [{{name: e, kind: evaluate, input: pixels, retrieval: true, retrieval_distance: lmnn}}]
+        stages: [{{name: e, kind: evaluate, input: pixels, retrieval: true, {key}: lmnn}}]
     """))
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir",
                            str(tmp_path / "out")], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert "retrieval_distance lmnn learns its distance from the training split's labels" in done.stderr
+    assert f"{key} lmnn learns its" in done.stderr and "from the training split's labels" in done.stderr

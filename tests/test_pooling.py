@@ -79,3 +79,67 @@ def test_stml_can_pool_with_gem():
     x = torch.rand(2, 3, 16, 16)
     fmap = backbone.forward_features(x)
     torch.testing.assert_close(pooled_features(backbone, x, "gem"), GeM(p=3.0)(fmap))
+
+
+def test_pca_whitening_gives_unit_variance_components():
+    """The projection NetVLAD's head starts from: the sample's top principal components, each at unit variance
+    and zero mean; rows beyond the sample's rank stay zero."""
+    from downstream.metric import pca_whitening
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(50, 12)) @ np.diag(np.linspace(0.1, 5.0, 12)) + 3.0).float()
+    weight, bias = pca_whitening(x, 6)
+    z = (x @ weight.t() + bias).double()
+    torch.testing.assert_close(z.mean(dim=0), torch.zeros(6, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cov(z.t()), torch.eye(6, dtype=torch.float64), atol=1e-3, rtol=0)
+    weight, bias = pca_whitening(x[:4], 6)  # rank 3: three directions, three zero rows
+    assert (weight.abs().sum(dim=1) > 0).tolist() == [True] * 3 + [False] * 3
+
+
+def test_netvlad_head_starts_as_pca_whitening_of_the_sample():
+    from downstream.metric import MetricLearning
+    from pipeline.backbones import build_backbone
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("test_resnet")
+    images = np.random.default_rng(0).integers(0, 256, (40, 3, 16, 16), dtype=np.uint8)
+    for whiten in (True, False):
+        method = MetricLearning(backbone, dim, {"pooling": "netvlad", "netvlad_clusters": 4, "embedding_dim": 8,
+                                                "netvlad_whiten_init": whiten},
+                                input_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
+        method.set_train_labels(np.repeat(np.arange(4), 10))
+        method.epoch_batches(images, epoch=0, rank=0, world_size=1, batch_size=8, seed=0)
+        method.eval()
+        with torch.no_grad():
+            z = method.head(method.descriptors(torch.from_numpy(images).float() / 255)).double()
+        variances = z.var(dim=0)
+        if whiten:  # the k-means sample is all 40 images here: whitened exactly
+            torch.testing.assert_close(variances, torch.ones(8, dtype=torch.float64), atol=1e-3, rtol=0)
+        else:
+            assert variances.max() < 0.1  # nn.Linear's default init: far from unit variance
+
+
+def test_evaluate_features_can_pool_a_backbone_with_gem(tmp_path):
+    """An evaluate stage's `features: backbone` + `pooling: gem` embeds with GeM (p = 3) of the artifact's feature
+    map; `pooling: gem` on an artifact's embedding is refused with the key named."""
+    from pydantic import ValidationError
+
+    from pipeline.backbones import build_backbone, save_backbone
+    from pipeline.config import EvaluateStage
+    from pipeline.evaluate import backbone_features
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("test_resnet")
+    save_backbone(tmp_path / "art", backbone, name="test_resnet", small_image_stem=False, in_chans=3, kwargs={},
+                  feature_dim=dim, input_size=64, mean=[0.5] * 3, std=[0.25] * 3)
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 64, 64), dtype=np.uint8)  # a 2x2 final map
+    got = backbone_features(tmp_path / "art", images, 4, bare=True, pooling="gem")
+    x = (torch.from_numpy(images).float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        expected = GeM(p=3.0)(backbone.eval().forward_features(x))
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, backbone_features(tmp_path / "art", images, 4, bare=True), atol=1e-3)
+
+    EvaluateStage(name="e", kind="evaluate", input="pretrained", features="backbone", pooling="gem")
+    with pytest.raises(ValidationError, match="set features: backbone"):
+        EvaluateStage(name="e", kind="evaluate", input="pretrained", pooling="gem")

@@ -27,6 +27,9 @@ class EvaluateExecutor(Executor):
             raise DataError(f"stage '{stage.name}': retrieval_distance lmnn learns its distance from the training "
                             f"split's labels; data source '{ctx.config.data.source}' has none here (use cosine, "
                             "euclidean or mahalanobis)")
+        if stage.cluster_space == "lmnn" and ctx.train.labels is None:
+            raise DataError(f"stage '{stage.name}': cluster_space lmnn learns its map from the training split's "
+                            f"labels; data source '{ctx.config.data.source}' has none here (use embedding or umap)")
 
     def run(self, ctx: RunContext, stage: EvaluateStage, run: StageRun) -> StageResult:
         from pipeline.evaluate import evaluate
