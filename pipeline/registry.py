@@ -26,19 +26,29 @@ TAG_DECISION = "sslpipe.retrain.decision"
 NOT_TRAINING_KEYS = ("output_dir", "tracking", "ray", "registry")  # where and how, not what is trained
 
 
-def config_fingerprint(config: PipelineConfig) -> str:
+def config_fingerprint(config: PipelineConfig, weights_sha256: str | None = None) -> str:
     """What is trained (data selection, backbone, stages, seed, and the Ray settings that change results:
     `num_workers`, `use_gpu`), not where it runs or is tracked; the same rule as the stage cache.
 
-    With `registry.warm_start`, a warm-starting stage's input written as the champion's URI is the same as an
-    omitted one (retrain writes it in): warm-started retrains of one config share its fingerprint."""
+    `weights_sha256`: the sha256 of the file the backbone's weights came from (`RunContext.weights`), which then
+    stands for `backbone.weights`: new bytes at the same path are another config, the same bytes under another
+    path are not. With `registry.warm_start`, a warm-starting stage's input written as the champion's URI is the
+    same as an omitted one (retrain writes it in): warm-started retrains of one config share its fingerprint."""
     data = config.model_dump(mode="json")
+    if weights_sha256 is not None:
+        data["backbone"]["weights"] = None
+        data["weights_sha256"] = weights_sha256
     if config.registry.warm_start:
         for stage, dumped in zip(config.stages, data["stages"]):
             if stage.warm_starts and dumped.get("input") == config.champion_uri():
                 dumped["input"] = None
     trained = {k: v for k, v in data.items() if k not in NOT_TRAINING_KEYS}
     return fingerprint({**trained, "ray": result_settings(config.ray)})
+
+
+def weights_sha256(ctx) -> str | None:
+    """The sha256 of the file a run's backbone weights came from, or None for a random init."""
+    return ctx.weights.source_sha256 if ctx.weights is not None else None
 
 
 def registry_client(uri: str):
@@ -99,7 +109,7 @@ def register_stage_backbone(ctx, stage: str, result, run_id: str) -> dict[str, A
         "sslpipe.stage_fingerprint": result.fingerprint,
         "sslpipe.parent_run_id": ctx.parent_run_id,
         TAG_DATA: ctx.data_fingerprint,
-        TAG_CONFIG: config_fingerprint(cfg),
+        TAG_CONFIG: config_fingerprint(cfg, weights_sha256(ctx)),
     }
     version = register_backbone(ctx.tracking_uri, run_id, result.artifacts["backbone"], name, tags)
     ctx.log(f"registered the backbone of stage '{stage}' as model '{name}' version {version}")

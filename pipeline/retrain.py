@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from pipeline.config import PipelineConfig
 from pipeline.registry import (TAG_CONFIG, TAG_DATA, TAG_DECISION, already_judged, config_fingerprint,
-                               download_backbone, evaluate_backbone, registry_client, version_by_alias)
+                               download_backbone, evaluate_backbone, registry_client, version_by_alias,
+                               weights_sha256)
 from pipeline.tracking import TrackingError
 
 # How each `registry.metric` is compared: both are higher-is-better.
@@ -120,7 +121,8 @@ def retrain(config: PipelineConfig, output_dir: Path, log: Callable[[str], None]
     if run.ctx.train.labels is None or evalset.labels is None:
         raise DataError(f"retrain compares models by {metric}, which needs labels; "
                         f"data source '{config.data.source}' has none here")
-    data_fp, config_fp = run.ctx.data_fingerprint, config_fingerprint(config)
+    run.ctx.resolve_weights()  # the weights' bytes are part of the config's fingerprint
+    data_fp, config_fp = run.ctx.data_fingerprint, config_fingerprint(config, weights_sha256(run.ctx))
 
     Tracker(uri, config.tracking.experiment, artifact_root=output_dir / "mlartifacts")  # fails early if unusable
     champion = version_by_alias(uri, name, reg.alias)

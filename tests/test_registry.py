@@ -314,6 +314,10 @@ def test_warm_start_rewrites_only_fresh_init_stages(tmp_path):
     # ...but not without warm start, where an explicit registry input is another training start.
     off = lambda c: c.model_copy(update={"registry": c.registry.model_copy(update={"warm_start": False})})  # noqa: E731
     assert config_fingerprint(off(warm_cfg)) != config_fingerprint(off(cfg))
+    # With weights, their bytes count, not the path they were read from.
+    moved = cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={"weights": "/elsewhere/w.safetensors"})})
+    assert config_fingerprint(moved, "ab" * 32) == config_fingerprint(cfg, "ab" * 32)
+    assert config_fingerprint(cfg, "cd" * 32) != config_fingerprint(cfg, "ab" * 32)
     # The rewritten config still validates (the registry URI is an external input).
     assert validate_config(warm_cfg.model_dump(mode="json")).stage("simclr").input == "models:/m@champion"
 
