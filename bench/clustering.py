@@ -70,6 +70,10 @@ class LoadSampler:
         self._thread.join()
         self.samples.append(os.getloadavg()[0])
 
+    def busy(self, cores: int = 2) -> bool:
+        """Whether other work competed for the cores: a mean load above the cores this run keeps busy."""
+        return sum(self.samples) / len(self.samples) > cores + 0.5
+
     def describe(self) -> str:
         s = self.samples
         return f"1-min load average during the run: mean {sum(s) / len(s):.1f}, max {max(s):.1f} ({len(s)} samples)"
@@ -130,9 +134,11 @@ def main() -> None:
         raise SystemExit(f"the run trained on {train_n} images and clustered {eval_n}: not the transductive protocol")
     scan, selflabel = cfg.stage("scan"), cfg.stage("scan_selflabel")
     curve = epoch_curve(summary, "scan_selflabel")
+    shown = [e for e in curve if len(curve) <= 12 or e <= 3 or e % 10 == 0 or e >= scan.epochs]
     curve_rows = [f"| {epoch} | {'SCAN' if epoch <= scan.epochs else 'self-labelling'} | "
-                  + " | ".join(f"{v[k]:.3f}" if k in v else "-" for k in CURVE) + " |"
-                  for epoch, v in curve.items()]
+                  + " | ".join(f"{curve[epoch][k]:.3f}" if k in curve[epoch] else "-" for k in CURVE) + " |"
+                  for epoch in shown]
+    cached = scan.settings["feature_cache"] and scan.settings["backbone_lr_scale"] == 0
     kmeans_nmi = metrics["pretrained_kmeans"]["nmi"]
     pixels_nmi = metrics["pixels_kmeans"]["nmi"]
     best_name = max(("scan", "scan_selflabel"), key=lambda n: metrics[n]["nmi"])
@@ -143,7 +149,8 @@ def main() -> None:
     lines = [
         HEADING,
         "",
-        f"Machine: {machine()}; {load.describe()}: other jobs shared the 2 cores, so the times are upper bounds.",
+        f"Machine: {machine()}; {load.describe()}"
+        + (": other jobs shared the 2 cores, so the times are upper bounds." if load.busy() else "."),
         f"Command: `python bench/clustering.py{' --quick' if args.quick else ''}{sets}` (configs/fmnist_scan.yaml, "
         f"{wall / 60:.0f} min in all). Fashion-MNIST test split: the same "
         f"{eval_n:,} images are clustered in every row and, for SCAN, trained on without labels (train_split = eval_split = "
@@ -155,7 +162,9 @@ def main() -> None:
         f"backbone, {scan.settings['num_heads']} linear heads, {scan.settings['num_neighbors']} mined neighbours "
         f"({metrics['scan']['neighbour_label_agreement']:.3f} of them share the image's label), entropy weight "
         f"{scan.settings['entropy_weight']}, AdamW lr {scan.optimizer.lr:g}, batch {scan.batch_size} (anchors + "
-        f"one neighbour each), {scan.epochs} epoch(s); self-labelling: {selflabel.selflabel_epochs} more epoch(s) "
+        f"one neighbour each), {scan.epochs} epoch(s)"
+        + (" on the backbone's cached features of the images (`feature_cache`: embedded once, no augmentation)"
+           if cached else " on augmented views") + "; self-labelling (weak and strong views through the backbone): {selflabel.selflabel_epochs} more epoch(s) "
         f"after the same SCAN phase (trained again in its own stage), threshold "
         f"{selflabel.settings['confidence_threshold']}. Time: the row's stage_time_s (embedding included; SCAN "
         "also mines neighbours and assigns the clusters at the end), 1 Ray Train worker.",
@@ -173,7 +182,9 @@ def main() -> None:
         f"Budget: SCAN {scan.epochs} epoch(s), self-labelling {selflabel.selflabel_epochs} epoch(s); the two SCAN "
         f"stages took {scan_time / 60:.1f} min together, the whole run {wall / 60:.1f} min.",
         "",
-        "Per-epoch training metrics of `scan_selflabel` (its kept head; MLflow):",
+        "Per-epoch training metrics of `scan_selflabel` (its kept head; MLflow"
+        + ("; epochs 1-3, every 10th and the last SCAN epoch, then self-labelling" if len(shown) < len(curve) else "")
+        + "):",
         "",
         "| epoch | phase | " + " | ".join(CURVE) + " |",
         "|---|---|" + "---|" * len(CURVE),

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from downstream.augment import ImageAugment
 from downstream.settings import ScanSettings
 from pretext.base import Method, weight_decay_groups
-from pretext.transforms import SimCLRAugment, to_float
+from pretext.embeddings import match_channels
+from pretext.transforms import EvalTransform, SimCLRAugment, to_float
 
 EXPORT_KIND = "scan_clusterer"
 EPS = 1e-8
@@ -117,6 +118,7 @@ class SCAN(Method):
     name = "scan"
     settings_model = ScanSettings
     needs_neighbours = True  # the training loop hands over the mined neighbours (set_neighbours)
+    wants_rows = True  # phase 1 on cached features looks up each batch's rows
 
     def __init__(self, backbone, feature_dim, settings, **kwargs: Any) -> None:
         super().__init__(backbone, feature_dim, settings, **kwargs)
@@ -137,6 +139,9 @@ class SCAN(Method):
         self.register_buffer("kept_head", torch.zeros((), dtype=torch.long))
         self.phase = "scan"
         self.neighbours: np.ndarray | None = None
+        # Frozen backbone + feature_cache: every training image's features, computed once (`cache_features`);
+        # not a buffer: rebuilt from the images on resume, never checkpointed.
+        self.cached: Tensor | None = None
 
     # -- the loop's hooks --------------------------------------------------------------------------
     def set_neighbours(self, neighbours: np.ndarray) -> None:
@@ -168,9 +173,34 @@ class SCAN(Method):
             return None
         if self.neighbours is None or len(self.neighbours) != len(images):
             raise ValueError("scan: the mined neighbours do not match the training images")
+        if self.uses_cache and self.cached is None:
+            self.cache_features(images)
         steps = (len(images) // world_size) // batch_size
         return pair_batches(self.neighbours, steps=steps, batch_size=batch_size, seed=seed, epoch=epoch,
                             rank=rank, world_size=world_size)
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.frozen and self.settings.feature_cache
+
+    @torch.no_grad()
+    def cache_features(self, images: Any, batch_size: int = 256) -> None:
+        """The frozen backbone's features of every training image as it is (resized, normalized, eval mode):
+        exactly what the exported clusterer computes when it assigns them."""
+        device = next(self.heads.parameters()).device
+        conv = next((m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)), None)
+        resize, was_training = EvalTransform(self.input_size), self.training
+        self.eval()
+        chunks = []
+        try:
+            for start in range(0, len(images), batch_size):
+                rows = np.arange(start, min(start + batch_size, len(images)))
+                x = to_float(torch.from_numpy(np.asarray(images[rows])).to(device))
+                x = match_channels(x, conv.in_channels) if conv is not None else x  # grayscale data, RGB backbone
+                chunks.append(self.encode(resize(x)).float())
+        finally:
+            self.train(was_training)
+        self.cached = torch.cat(chunks)
 
     # -- training ----------------------------------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:
@@ -179,14 +209,18 @@ class SCAN(Method):
                 return self.encode(x)
         return self.encode(x)
 
-    def training_step(self, images: Tensor) -> dict[str, Any]:
-        return self._scan_step(images) if self.phase == "scan" else self._self_label_step(images)
+    def training_step(self, images: Tensor, rows: Tensor | None = None) -> dict[str, Any]:
+        return self._scan_step(images, rows) if self.phase == "scan" else self._self_label_step(images)
 
-    def _scan_step(self, images: Tensor) -> dict[str, Any]:
+    def _scan_step(self, images: Tensor, rows: Tensor | None = None) -> dict[str, Any]:
         half = images.shape[0] // 2
-        with torch.no_grad():
-            views = self.augment(to_float(images))
-        heads, over = self.heads(self.features(views))
+        if self.uses_cache and self.cached is not None and rows is not None:
+            feats = self.cached[rows.to(self.cached.device)]
+        else:
+            with torch.no_grad():
+                views = self.augment(to_float(images))
+            feats = self.features(views)
+        heads, over = self.heads(feats)
         s: ScanSettings = self.settings
         terms = [scan_loss(h[:half], h[half:2 * half], s.entropy_weight) for h in heads]
         over_terms = [scan_loss(h[:half], h[half:2 * half], s.entropy_weight) for h in over]

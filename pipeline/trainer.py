@@ -459,8 +459,9 @@ def _forward(w: Worker, idx: np.ndarray) -> dict[str, Any]:
         y = torch.from_numpy(w.labels[idx]).to(w.device, non_blocking=True)
         x, y = w.batch_mix(x, y)  # identity without mixup/cutmix; else soft targets
     x = x.contiguous(memory_format=torch.channels_last if w.stage["channels_last"] else torch.contiguous_format)
+    extra = {"rows": torch.from_numpy(np.asarray(idx, dtype=np.int64))} if w.method.wants_rows else {}
     with torch.autocast(device_type=w.device.type, dtype=torch.bfloat16, enabled=w.use_amp):
-        return w.model(x) if y is None else w.model(x, y)
+        return w.model(x, **extra) if y is None else w.model(x, y, **extra)
 
 
 def train_step(w: Worker, idx: np.ndarray, epoch: int, step: int) -> dict[str, Any] | None:

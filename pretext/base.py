@@ -67,6 +67,9 @@ class Method(nn.Module):
     # Labeled methods (downstream fine-tuning, metric learning) set this; the loop then calls
     # `forward(images, labels)` with an int64 label tensor for the batch.
     needs_labels: ClassVar[bool] = False
+    # Methods that look up per-image state (SCAN's cached features) set this; the loop then passes `rows=`, the
+    # int64 indices of the batch's images in the training split, to `forward` and `training_step`.
+    wants_rows: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -96,10 +99,11 @@ class Method(nn.Module):
         return self.backbone(x)
 
     # -- contract --------------------------------------------------------------------------------
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Any]:
+    def forward(self, images: Tensor, labels: Tensor | None = None, rows: Tensor | None = None) -> dict[str, Any]:
+        extra = {"rows": rows} if self.wants_rows else {}
         if self.needs_labels:
-            return self.training_step(images, labels)
-        return self.training_step(images)
+            return self.training_step(images, labels, **extra)
+        return self.training_step(images, **extra)
 
     def training_step(self, images: Tensor) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -77,13 +77,17 @@ def _toy(n_per_class: int = 40):
     return images.astype(np.uint8), labels, neighbours
 
 
-def test_scan_finds_the_classes_then_self_labels_with_a_frozen_backbone():
+@pytest.mark.parametrize("cached", [True, False])
+def test_scan_finds_the_classes_then_self_labels_with_a_frozen_backbone(cached):
+    """cached: phase 1 on the frozen backbone's features of the images, computed once and looked up by row;
+    else on augmented views embedded every step."""
     from clustering import nmi
 
     torch.manual_seed(0)
     images, labels, neighbours = _toy()
     method = SCAN(MeanColour(), 3, {"clusters": 3, "num_heads": 3, "scan_epochs": 1, "entropy_weight": 2.0,
-                                    "confidence_threshold": 0.9, "augment": {"cj_prob": 0.0, "random_gray_scale": 0.0}},
+                                    "confidence_threshold": 0.9, "feature_cache": cached,
+                                    "augment": {"cj_prob": 0.0, "random_gray_scale": 0.0}},
                   input_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     method.set_neighbours(neighbours)
     backbone_before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
@@ -94,12 +98,18 @@ def test_scan_finds_the_classes_then_self_labels_with_a_frozen_backbone():
     for step in range(30):
         (batch,) = method.epoch_batches(images, epoch=0, rank=0, world_size=1, batch_size=len(images) // 2 * 2,
                                         seed=step)[:1]
-        out = method(x[batch].float() / 255)
+        out = method(x[batch].float() / 255, rows=torch.from_numpy(batch))
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         losses.append(float(out["loss"]))
     assert losses[-1] < losses[0] - 0.5
+    if cached:  # the cache holds what the exported clusterer's backbone computes on each image
+        method.eval()
+        torch.testing.assert_close(method.cached, method.encode(x.float() / 255))
+        method.train()
+    else:
+        assert method.cached is None
     probs = method.cluster_probabilities(x.float() / 255)
     assert nmi(labels, probs.argmax(1).numpy()) > 0.9
 
