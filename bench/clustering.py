@@ -164,7 +164,9 @@ def main() -> None:
         f"{scan.settings['entropy_weight']}, AdamW lr {scan.optimizer.lr:g}, batch {scan.batch_size} (anchors + "
         f"one neighbour each), {scan.epochs} epoch(s)"
         + (" on the backbone's cached features of the images (`feature_cache`: embedded once, no augmentation)"
-           if cached else " on augmented views") + "; self-labelling (weak and strong views through the backbone): {selflabel.selflabel_epochs} more epoch(s) "
+           if cached else " on augmented views")
+        + f"; self-labelling (weak and strong views through the backbone): {selflabel.selflabel_epochs} more "
+        "epoch(s) "
         f"after the same SCAN phase (trained again in its own stage), threshold "
         f"{selflabel.settings['confidence_threshold']}. Time: the row's stage_time_s (embedding included; SCAN "
         "also mines neighbours and assigns the clusters at the end), 1 Ray Train worker.",
