@@ -52,9 +52,13 @@ bench: setup weights
 	$(BIN)/python bench/pretext.py
 	$(BIN)/python bench/pretrained.py
 	$(BIN)/python bench/stml.py
+	$(BIN)/python bench/stml.py --config fmnist_stml_pretrained
 	$(BIN)/python bench/downstream.py --label-efficiency
 	$(BIN)/python bench/metric.py
+	$(BIN)/python bench/metric.py --retrieval
 	$(BIN)/python bench/kmeans.py
+	$(BIN)/python bench/clustering.py
+	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/overheads.py
 
 clean:

@@ -1,8 +1,10 @@
 """STML on the unseen-class protocol: retrieval and clustering of test classes 5-9 of Fashion-MNIST for raw
-pixels, the SimCLR input backbone (trained on unlabeled classes 0-4) and its STML refinement (its f embedding,
-and its backbone's own pooled features).
+pixels, the input backbone and its STML refinement (its f embedding, and its backbone's own pooled features).
+The input is a SimCLR backbone trained on unlabeled classes 0-4 (configs/fmnist_stml.yaml) or, with
+``--config fmnist_stml_pretrained``, the ImageNet MobileNetV2 of `make weights` (STML's own regime).
 
-Usage: python bench/stml.py [--reuse] [--seed N] [--set KEY=VALUE ...]     (writes a section of bench/RESULTS.md)
+Usage: python bench/stml.py [--config NAME] [--reuse] [--seed N] [--set KEY=VALUE ...]
+(writes a section of bench/RESULTS.md)
 
 ``--seed N`` repeats the whole protocol with another seed (training subset, SimCLR, STML, k-means) into its own
 folder and its own section, so that a gain can be told from one run's luck; the test images stay the same.
@@ -25,7 +27,7 @@ from bench.pretext import WORK, run  # noqa: E402
 from bench.results import add_results_argument, write_section  # noqa: E402
 from bench.speed import machine  # noqa: E402
 
-CONFIG_SEED = yaml.safe_load((ROOT / "configs" / "fmnist_stml.yaml").read_text())["seed"]  # the main section's run
+CONFIGS = {"fmnist_stml": "## STML on unseen classes", "fmnist_stml_pretrained": "## STML from ImageNet weights on unseen classes"}
 KEYS = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "nmi")
 
 
@@ -44,8 +46,30 @@ def top1_hits(stage: dict, distance: str) -> np.ndarray:
     return hits
 
 
-def work_dir(seed: int) -> Path:
-    return WORK / ("pretext_fmnist_stml" if seed == CONFIG_SEED else f"pretext_fmnist_stml_seed{seed}")
+def config_seed(name: str) -> int:
+    """The seed of the config's own run, whose section carries no seed in its heading."""
+    return yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["seed"]
+
+
+def work_dir(name: str, seed: int) -> Path:
+    return WORK / (f"pretext_{name}" if seed == config_seed(name) else f"pretext_{name}_seed{seed}")
+
+
+def input_stages(config: dict) -> tuple[str, str, list[str]]:
+    """STML's input (a stage name or `pretrained`), its label in the rows, and the evaluate stages of that input
+    (cosine first)."""
+    source = next(s for s in config["stages"] if s["name"] == "stml")["input"]
+    evaluated = sorted((s for s in config["stages"] if s["kind"] == "evaluate" and s["input"] == source
+                        and s.get("features", "embedding") == "embedding"),
+                       key=lambda s: s.get("retrieval_distance", "cosine") != "cosine")
+    return source, {"pretrained": "ImageNet", "simclr": "SimCLR"}.get(source, source), [s["name"] for s in evaluated]
+
+
+def input_backbone(out: Path, stages: dict, source: str) -> Path:
+    """The input backbone's artifact: an earlier stage's, or the run's copy of the pretrained weights."""
+    if source == "pretrained":
+        return next((out / "inputs").glob("pretrained-*"))
+    return Path(stages[source]["artifacts"]["backbone"])
 
 
 def gains(metrics: dict, best: dict) -> str:
@@ -65,43 +89,53 @@ def paired_recall_at_1(base: np.ndarray, other: np.ndarray, rounds: int = 10000,
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="fmnist_stml")
     parser.add_argument("--reuse", action="store_true")
-    parser.add_argument("--seed", type=int, default=CONFIG_SEED)
+    parser.add_argument("--seed", type=int)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     add_results_argument(parser)
     args = parser.parse_args()
     if any(o.replace(" ", "").startswith("seed=") for o in args.overrides):
         parser.error("give the seed with --seed N (its run gets its own folder), not --set seed=N")
-    out = work_dir(args.seed)
-    overrides = args.overrides + ([f"seed={args.seed}"] if args.seed != CONFIG_SEED else [])
-    summary = run("fmnist_stml", args.reuse, overrides, out=out)
+    name, own_seed = args.config, config_seed(args.config)
+    seed = own_seed if args.seed is None else args.seed
+    out = work_dir(name, seed)
+    overrides = args.overrides + ([f"seed={seed}"] if seed != own_seed else [])
+    summary = run(name, args.reuse, overrides, out=out)
     stages = summary["stages"]
     config = yaml.safe_load((out / "config.resolved.yaml").read_text())
-    if config["seed"] != args.seed:
-        raise SystemExit(f"{out} holds a run with seed {config['seed']}, not {args.seed}: run without --reuse")
-    heading = "## STML on unseen classes" + ("" if args.seed == CONFIG_SEED else f", seed {args.seed}")
+    if config["seed"] != seed:
+        raise SystemExit(f"{out} holds a run with seed {config['seed']}, not {seed}: run without --reuse")
+    heading = CONFIGS[name] + ("" if seed == own_seed else f", seed {seed}")
     data, backbone = config["data"], config["backbone"]
-    simclr, stml = (next(s for s in config["stages"] if s["name"] == n) for n in ("simclr", "stml"))
+    source, label, inputs = input_stages(config)
+    stml = next(s for s in config["stages"] if s["name"] == "stml")
     stml_settings = {k: v for k, v in stml["settings"].items() if k != "augment"}
     stml_settings["augment.min_scale"] = stml["settings"]["augment"]["min_scale"]
-    rows = [("raw pixels (cosine)", "pixels"), ("SimCLR input backbone, cosine", "eval_simclr"),
-            ("SimCLR input backbone, Euclidean", "eval_simclr_euclidean"),
-            ("SimCLR + STML f, Euclidean (the authors' protocol)", "eval_stml"),
-            ("SimCLR + STML f, cosine", "eval_stml_cosine"),
-            ("SimCLR + STML backbone (pooled features, no f), cosine", "eval_stml_backbone")]
-    rows = [(label, stages[name]["metrics"]) for label, name in rows if name in stages]
+    if source == "pretrained":
+        start = f"the ImageNet weights of `make weights` ({Path(backbone['weights']).name}) as input, STML"
+    else:
+        start = f"{label} ({next(s for s in config['stages'] if s['name'] == source)['epochs']} epochs) then STML"
+    rows = [("raw pixels (cosine)", "pixels"), *zip((f"{label} input backbone, cosine",
+                                                      f"{label} input backbone, Euclidean"), inputs),
+            (f"{label} + STML f, Euclidean (the authors' protocol)", "eval_stml"),
+            (f"{label} + STML f, cosine", "eval_stml_cosine"),
+            (f"{label} + STML backbone (pooled features, no f), cosine", "eval_stml_backbone")]
+    rows = [(row, stages[stage]["metrics"]) for row, stage in rows if stage in stages]
     lines = [
         f"{heading} (bench/stml.py)",
         "",
         f"Machine: {machine()}.",
-        f"Command: `python bench/stml.py{'' if args.seed == CONFIG_SEED else f' --seed {args.seed}'}` "
-        f"(configs/fmnist_stml.yaml{''.join(' --set ' + o for o in args.overrides)}, seed {config['seed']}): "
-        f"SimCLR ({simclr['epochs']} epochs) then STML ({stml['epochs']} epochs, batch {stml['batch_size']}, lr "
+        f"Command: `python bench/stml.py{'' if name == 'fmnist_stml' else f' --config {name}'}"
+        f"{'' if seed == own_seed else f' --seed {seed}'}` "
+        f"(configs/{name}.yaml{''.join(' --set ' + o for o in args.overrides)}, seed {config['seed']}): "
+        f"{start} ({stml['epochs']} epochs, batch {stml['batch_size']}, lr "
         f"{stml['optimizer']['lr']:g}, settings {json.dumps(stml_settings)}) on {data['train_subset']} unlabeled "
         f"Fashion-MNIST training images of classes 0-4; evaluation on {data['eval_subset']} test images of classes "
         "5-9, never seen in training: leave-one-out retrieval with the distance named in the row; NMI of k-means "
-        f"(k=5, L2-normalized features, best of 10 runs). {backbone['name']}, small stem stride "
-        f"{backbone['stem_stride']}, {backbone['image_size']} px, "
+        f"(k=5, L2-normalized features, best of 10 runs). {backbone['name']}, "
+        + (f"small stem stride {backbone['stem_stride']}, " if backbone.get("stem_stride") else "")
+        + f"{backbone['image_size']} px, "
         f"{config['ray']['num_workers']} Ray Train worker(s).",
         "",
         "| features | " + " | ".join(KEYS) + " |",
@@ -109,9 +143,8 @@ def main() -> None:
     ]
     for name, m in rows:
         lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in KEYS) + " |")
-    inputs = [stages[n]["metrics"] for n in ("eval_simclr", "eval_simclr_euclidean") if n in stages]
     refined = stages["eval_stml"]["metrics"]
-    best = {k: max(m[k] for m in inputs) for k in KEYS}
+    best = {k: max(stages[n]["metrics"][k] for n in inputs) for k in KEYS}
     lines += [
         "",
         f"- STML (Euclidean) against the better of its input's two rows: {gains(refined, best)}; "
@@ -119,11 +152,11 @@ def main() -> None:
         f"NMI {refined['nmi'] - stages['pixels']['metrics']['nmi']:+.4f}.",
         *([f"- The STML-refined backbone's own pooled features (cosine) against the better of its input's two rows: "
            f"{gains(stages['eval_stml_backbone']['metrics'], best)}."] if "eval_stml_backbone" in stages else []),
-        *paired_lines(stages, config),
-        *held_out_lines(stages, config),
+        *paired_lines(stages, config, inputs[0]),
+        *held_out_lines(stages, config, label, input_backbone(out, stages, source)),
         f"- Wall time of the STML stage: {stages['stml']['metrics']['stage_time_s']:.0f} s "
-        f"({stages['stml']['metrics'].get('images_per_sec', float('nan')):.1f} images/s in its last epoch); "
-        f"of the SimCLR stage: {stages['simclr']['metrics']['stage_time_s']:.0f} s.",
+        f"({stages['stml']['metrics'].get('images_per_sec', float('nan')):.1f} images/s in its last epoch)"
+        + (f"; of the {label} stage: {stages[source]['metrics']['stage_time_s']:.0f} s." if source in stages else "."),
         "",
     ]
     text = "\n".join(lines)
@@ -131,12 +164,10 @@ def main() -> None:
     write_section(lines[0], "\n".join(lines[1:]), args.results)
 
 
-def paired_lines(stages: dict, config: dict) -> list[str]:
+def paired_lines(stages: dict, config: dict, input_row: str) -> list[str]:
     """R@1 of each STML row against the input's cosine row, paired on the same queries."""
-    if "eval_simclr" not in stages:
-        return []
     distance = {s["name"]: s.get("retrieval_distance", "cosine") for s in config["stages"]}
-    base = top1_hits(stages["eval_simclr"], distance["eval_simclr"])
+    base = top1_hits(stages[input_row], distance[input_row])
     rows = [("STML f, Euclidean", "eval_stml"), ("STML f, cosine", "eval_stml_cosine"),
             ("STML backbone, cosine", "eval_stml_backbone")]
     parts = [f"{label} {paired_recall_at_1(base, top1_hits(stages[name], distance[name]))}"
@@ -145,7 +176,7 @@ def paired_lines(stages: dict, config: dict) -> list[str]:
             "over the queries, 10000 rounds; it does not cover a second training seed): " + "; ".join(parts) + "."]
 
 
-def held_out_lines(stages: dict, config: dict, batch_size: int = 512) -> list[str]:
+def held_out_lines(stages: dict, config: dict, input_label: str, source: Path, batch_size: int = 512) -> list[str]:
     """R@1 and NMI on the 30000 training-split images of the unseen classes: never trained on, and never looked
     at when the settings were chosen (that used the test split's 5000), so a check free of selection.
 
@@ -165,12 +196,12 @@ def held_out_lines(stages: dict, config: dict, batch_size: int = 512) -> list[st
     held_out = load_images(data["source"], "train", root=data.get("root"), download=bool(data.get("download")),
                            image_size=size, classes=unseen, log=lambda *_: None)
     images, labels = held_out.images, held_out.labels
-    simclr, stml = (Path(stages[n]["artifacts"]["backbone"]) for n in ("simclr", "stml"))
-    features = {"pixels": pixel_features(images), "input": backbone_features(simclr, images, batch_size),
+    stml = Path(stages["stml"]["artifacts"]["backbone"])
+    features = {"pixels": pixel_features(images), "input": backbone_features(source, images, batch_size),
                 "f": backbone_features(stml, images, batch_size),
                 "backbone": backbone_features(stml, images, batch_size, bare=True)}
-    rows = [("raw pixels, cosine", "pixels", "cosine"), ("SimCLR input, cosine", "input", "cosine"),
-            ("SimCLR input, Euclidean", "input", "euclidean"), ("STML f, Euclidean", "f", "euclidean"),
+    rows = [("raw pixels, cosine", "pixels", "cosine"), (f"{input_label} input, cosine", "input", "cosine"),
+            (f"{input_label} input, Euclidean", "input", "euclidean"), ("STML f, Euclidean", "f", "euclidean"),
             ("STML f, cosine", "f", "cosine"), ("STML backbone, cosine", "backbone", "cosine")]
     hits, nmis = {}, {}
     for label, key, distance in rows:
@@ -183,7 +214,7 @@ def held_out_lines(stages: dict, config: dict, batch_size: int = 512) -> list[st
              "to choose settings), same artifacts: "
              + "; ".join(f"{label} R@1 {hits[label].mean():.4f}" for label, _, _ in rows)
              + "; NMI: " + ", ".join(f"{key} {value:.4f}" for key, value in nmis.items()) + "."]
-    base = hits["SimCLR input, cosine"]
+    base = hits[f"{input_label} input, cosine"]
     paired = [f"{label} {paired_recall_at_1(base, hits[label])}" for label, _, _ in rows[3:]]
     return table + ["- On those images, R@1 against the input's cosine row, paired (95% bootstrap interval over the "
                     "queries, not over training seeds): " + "; ".join(paired) + "."]
