@@ -198,8 +198,8 @@ class MetricLearning(Method):
         resize, was_training = EvalTransform(self.input_size), self.training
         self.eval()
         try:
-            maps = [feature_map(self.backbone, self.normalize(resize(torch.from_numpy(np.asarray(images[rows[i:i + 64]]))
-                                                                      .to(device).float().div_(255.0))))
+            maps = [feature_map(self.backbone, self.normalize(resize(self.match_backbone_channels(
+                torch.from_numpy(np.asarray(images[rows[i:i + 64]])).to(device).float().div_(255.0)))))
                     for i in range(0, len(rows), 64)]
         finally:
             self.train(was_training)

@@ -34,7 +34,6 @@ from torch import Tensor, nn
 from downstream.augment import ImageAugment
 from downstream.settings import ScanSettings
 from pretext.base import Method, weight_decay_groups
-from pretext.embeddings import match_channels
 from pretext.transforms import EvalTransform, SimCLRAugment, to_float
 
 EXPORT_KIND = "scan_clusterer"
@@ -188,15 +187,13 @@ class SCAN(Method):
         """The frozen backbone's features of every training image as it is (resized, normalized, eval mode):
         exactly what the exported clusterer computes when it assigns them."""
         device = next(self.heads.parameters()).device
-        conv = next((m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)), None)
         resize, was_training = EvalTransform(self.input_size), self.training
         self.eval()
         chunks = []
         try:
             for start in range(0, len(images), batch_size):
                 rows = np.arange(start, min(start + batch_size, len(images)))
-                x = to_float(torch.from_numpy(np.asarray(images[rows])).to(device))
-                x = match_channels(x, conv.in_channels) if conv is not None else x  # grayscale data, RGB backbone
+                x = self.match_backbone_channels(to_float(torch.from_numpy(np.asarray(images[rows])).to(device)))
                 chunks.append(self.encode(resize(x)).float())
         finally:
             self.train(was_training)

@@ -93,6 +93,15 @@ class Method(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     # -- helpers for subclasses -------------------------------------------------------------------
+    def match_backbone_channels(self, x: Tensor) -> Tensor:
+        """A [0, 1] batch with the channels the backbone's first convolution takes (grayscale data, RGB backbone).
+        The loop does this for its batches; methods that embed training images themselves (SCAN's feature cache,
+        NetVLAD's initialisation) call it."""
+        from pretext.embeddings import match_channels
+
+        conv = next((m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)), None)
+        return x if conv is None else match_channels(x, conv.in_channels)
+
     def encode(self, x: Tensor) -> Tensor:
         """Normalize a [0, 1] batch and return pooled backbone features (B, feature_dim)."""
         x = self.normalize(x).contiguous(memory_format=self.memory_format)

@@ -143,3 +143,23 @@ def test_evaluate_features_can_pool_a_backbone_with_gem(tmp_path):
     EvaluateStage(name="e", kind="evaluate", input="pretrained", features="backbone", pooling="gem")
     with pytest.raises(ValidationError, match="set features: backbone"):
         EvaluateStage(name="e", kind="evaluate", input="pretrained", pooling="gem")
+
+
+def test_netvlad_initialises_from_grayscale_images_for_an_rgb_backbone():
+    """Grayscale training images and an RGB backbone with per-channel (ImageNet) statistics: NetVLAD's start
+    embeds them as the loop's batches are (repeated to 3 channels), the same centres as from the RGB copies."""
+    from downstream.metric import MetricLearning
+    from pipeline.backbones import build_backbone
+
+    gray = np.random.default_rng(0).integers(0, 256, (40, 1, 16, 16), dtype=np.uint8)
+    centres = []
+    for images in (gray, np.repeat(gray, 3, axis=1)):
+        torch.manual_seed(0)
+        backbone, dim = build_backbone("test_resnet")
+        method = MetricLearning(backbone, dim, {"pooling": "netvlad", "netvlad_clusters": 4, "embedding_dim": 8},
+                                input_size=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        method.set_train_labels(np.repeat(np.arange(4), 10))
+        method.epoch_batches(images, epoch=0, rank=0, world_size=1, batch_size=8, seed=0)
+        assert int(method.pool.initialised) == 1
+        centres.append(method.pool.centres.detach().clone())
+    torch.testing.assert_close(centres[0], centres[1])
