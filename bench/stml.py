@@ -68,7 +68,10 @@ def input_stages(config: dict) -> tuple[str, str, list[str]]:
 def input_backbone(out: Path, stages: dict, source: str) -> Path:
     """The input backbone's artifact: an earlier stage's, or the run's copy of the pretrained weights."""
     if source == "pretrained":
-        return next((out / "inputs").glob("pretrained-*"))
+        found = sorted((out / "inputs").glob("pretrained-*"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise SystemExit(f"{out / 'inputs'} holds no pretrained-* backbone: run without --reuse")
+        return found[-1]  # the run's own: the newest, if weights changed between runs into this folder
     return Path(stages[source]["artifacts"]["backbone"])
 
 
@@ -134,15 +137,15 @@ def main() -> None:
         f"Fashion-MNIST training images of classes 0-4; evaluation on {data['eval_subset']} test images of classes "
         "5-9, never seen in training: leave-one-out retrieval with the distance named in the row; NMI of k-means "
         f"(k=5, L2-normalized features, best of 10 runs). {backbone['name']}, "
-        + (f"small stem stride {backbone['stem_stride']}, " if backbone.get("stem_stride") else "")
+        + (f"small stem stride {backbone['stem_stride']}, " if backbone.get("small_image_stem") else "")
         + f"{backbone['image_size']} px, "
         f"{config['ray']['num_workers']} Ray Train worker(s).",
         "",
         "| features | " + " | ".join(KEYS) + " |",
         "|---|" + "---|" * len(KEYS),
     ]
-    for name, m in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in KEYS) + " |")
+    for row, m in rows:
+        lines.append(f"| {row} | " + " | ".join(f"{m[k]:.4f}" for k in KEYS) + " |")
     refined = stages["eval_stml"]["metrics"]
     best = {k: max(stages[n]["metrics"][k] for n in inputs) for k in KEYS}
     lines += [

@@ -103,17 +103,18 @@ def m_per_class_batches(labels: np.ndarray, *, images_per_class: int, batch_size
 
 
 @torch.no_grad()
-def pca_whitening(x: Tensor, out_dim: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def pca_whitening(x: Tensor, out_dim: int, rcond: float = 1e-5) -> tuple[Tensor, Tensor]:
     """(weight (out_dim, D), bias (out_dim,)) of the linear map that projects `x` (N, D) onto its top principal
     components and scales each to unit variance: ``W = diag(s^-1) U^T``, ``b = -W mean``. Components beyond the
-    sample's rank (N - 1) get zero weight, so a small sample never invents directions."""
+    sample's rank (N - 1), or with a singular value below `rcond` times the largest, get zero weight, so a small
+    or degenerate sample never blows up noise directions."""
     x = x.double()
     mean = x.mean(dim=0)
     _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
-    k = min(out_dim, vt.shape[0], max(len(x) - 1, 1))
+    k = min(out_dim, vt.shape[0], max(len(x) - 1, 0), int((s > s[0] * rcond).sum()) if len(s) else 0)
     std = s[:k] / max(len(x) - 1, 1) ** 0.5
     weight = torch.zeros(out_dim, x.shape[1], dtype=torch.float64, device=x.device)
-    weight[:k] = vt[:k] / (std[:, None] + eps)
+    weight[:k] = vt[:k] / std[:, None]
     bias = -(weight @ mean)
     return weight.float(), bias.float()
 

@@ -26,18 +26,18 @@ TAG_DECISION = "sslpipe.retrain.decision"
 NOT_TRAINING_KEYS = ("output_dir", "tracking", "ray", "registry")  # where and how, not what is trained
 
 
-def config_fingerprint(config: PipelineConfig, weights_sha256: str | None = None) -> str:
+def config_fingerprint(config: PipelineConfig, weights_digest: str | None = None) -> str:
     """What is trained (data selection, backbone, stages, seed, and the Ray settings that change results:
     `num_workers`, `use_gpu`), not where it runs or is tracked; the same rule as the stage cache.
 
-    `weights_sha256`: the sha256 of the file the backbone's weights came from (`RunContext.weights`), which then
+    `weights_digest`: the sha256 of the file the backbone's weights came from (`RunContext.weights`), which then
     stands for `backbone.weights`: new bytes at the same path are another config, the same bytes under another
     path are not. With `registry.warm_start`, a warm-starting stage's input written as the champion's URI is the
     same as an omitted one (retrain writes it in): warm-started retrains of one config share its fingerprint."""
     data = config.model_dump(mode="json")
-    if weights_sha256 is not None:
+    if weights_digest is not None:
         data["backbone"]["weights"] = None
-        data["weights_sha256"] = weights_sha256
+        data["weights_sha256"] = weights_digest
     if config.registry.warm_start:
         for stage, dumped in zip(config.stages, data["stages"]):
             if stage.warm_starts and dumped.get("input") == config.champion_uri():

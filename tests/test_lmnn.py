@@ -77,3 +77,33 @@ def test_lmnn_without_labels_is_exit_2(tmp_path, key):
                           text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert f"{key} lmnn learns its" in done.stderr and "from the training split's labels" in done.stderr
+
+
+@pytest.mark.parametrize("key", ["retrieval_distance", "cluster_space"])
+def test_lmnn_scored_on_the_images_it_learned_from_is_exit_2(tmp_path, key):
+    """A labelled folder without train/ and test/ evaluates on its training images: an LMNN map learned from their
+    labels would be scored against the same labels (a leak), so the run is refused before anything trains."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from PIL import Image
+
+    for c in range(2):
+        (tmp_path / "imgs" / f"class_{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((12, 12, 3), 30 * i + 100 * c, dtype=np.uint8)).save(
+                tmp_path / "imgs" / f"class_{c}" / f"{i}.png")
+    config = tmp_path / "c.yaml"
+    config.write_text(textwrap.dedent(f"""
+        name: lmnn
+        data: {{source: folder, root: {tmp_path / 'imgs'}, load_size: 8}}
+        stages: [{{name: e, kind: evaluate, input: pixels, retrieval: true, {key}: lmnn}}]
+    """))
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir",
+                           str(tmp_path / "out")], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"{key} lmnn learns from the training split's labels" in done.stderr
+    assert "the same images" in done.stderr and not (tmp_path / "out" / "stages" / "e").exists()

@@ -94,6 +94,11 @@ def test_pca_whitening_gives_unit_variance_components():
     torch.testing.assert_close(torch.cov(z.t()), torch.eye(6, dtype=torch.float64), atol=1e-3, rtol=0)
     weight, bias = pca_whitening(x[:4], 6)  # rank 3: three directions, three zero rows
     assert (weight.abs().sum(dim=1) > 0).tolist() == [True] * 3 + [False] * 3
+    degenerate = torch.cat([x[:, :3], 2 * x[:, :1]], dim=1)  # a column that copies another: rank 3 of 4
+    weight, _ = pca_whitening(degenerate, 4)
+    assert (weight.abs().sum(dim=1) > 0).tolist() == [True] * 3 + [False]
+    assert float(weight.abs().max()) < 100  # no direction scaled up by 1 / (a rounding error)
+    assert float(pca_whitening(x[:1], 4)[0].abs().sum()) == 0.0  # one image: nothing to whiten
 
 
 def test_netvlad_head_starts_as_pca_whitening_of_the_sample():

@@ -128,6 +128,22 @@ def test_scan_finds_the_classes_then_self_labels_with_a_frozen_backbone(cached):
     assert p.shape == (5, 3) and torch.allclose(p.sum(1), torch.ones(5))
 
 
+def test_feature_cache_maps_grayscale_images_to_an_rgb_backbone():
+    """Grayscale training images, an RGB conv backbone with per-channel (ImageNet) statistics: the cache embeds
+    each image as the loop's batches are (repeated to 3 channels), the same features as from the RGB copies."""
+    from pipeline.backbones import build_backbone
+
+    gray = np.random.default_rng(0).integers(0, 256, (12, 1, 16, 16), dtype=np.uint8)
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("test_resnet")
+    method = SCAN(backbone, dim, {"clusters": 3, "num_heads": 2, "scan_epochs": 1},
+                  input_size=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    method.cache_features(gray)
+    method.eval()
+    rgb = torch.from_numpy(np.repeat(gray, 3, axis=1)).float() / 255
+    torch.testing.assert_close(method.cached, method.encode(rgb))
+
+
 def test_cluster_stage_config():
     """A cluster stage runs both phases in one fit; C and phase 1's length come from the stage's keys only."""
     from pipeline.config import ConfigError, validate_config

@@ -16,10 +16,10 @@ from pipeline.stages.base import Executor, StageResult, StageRun
 
 class EvaluateExecutor(Executor):
     def check(self, ctx: RunContext, stage: EvaluateStage) -> None:
-        """A raw-pixel baseline too large for memory, or a learned distance without labels to learn it from, is
-        refused before any stage runs."""
+        """A raw-pixel baseline too large for memory, or a learned distance without labels to learn it from or
+        learned from the very images it is scored on, is refused before any stage runs."""
         from pipeline.data import DataError
-        from pipeline.evaluate import check_pixel_budget
+        from pipeline.evaluate import check_pixel_budget, same_images
 
         if stage.input == "pixels":
             check_pixel_budget(stage, ctx.train, ctx.evalset)
@@ -30,6 +30,13 @@ class EvaluateExecutor(Executor):
         if stage.cluster_space == "lmnn" and ctx.train.labels is None:
             raise DataError(f"stage '{stage.name}': cluster_space lmnn learns its map from the training split's "
                             f"labels; data source '{ctx.config.data.source}' has none here (use embedding or umap)")
+        learned = [key for key, on in (("retrieval_distance", stage.retrieval and stage.retrieval_distance == "lmnn"),
+                                       ("cluster_space", stage.cluster_space == "lmnn")) if on]
+        if learned and same_images(ctx.train, ctx.evalset):
+            raise DataError(f"stage '{stage.name}': {learned[0]} lmnn learns from the training split's labels, and "
+                            "the evaluation split is the same images: its metrics would be scored against the "
+                            "labels it learned from. Evaluate on held-out images (data.eval_split) or use "
+                            f"{'mahalanobis' if learned[0] == 'retrieval_distance' else 'embedding or umap'}")
 
     def run(self, ctx: RunContext, stage: EvaluateStage, run: StageRun) -> StageResult:
         from pipeline.evaluate import evaluate
