@@ -179,8 +179,9 @@ def retrieval_main(args) -> None:
         stage["name"] = f"{loss}_{best}"
         stage["settings"] = dict(by_name[f"triplet_{best}"]["settings"], loss=loss)
         second_stages.append(stage)
+    # the folder names the pooling: --reuse after a run where another pooling won does not read stale stages
     run2 = run_pipeline(dict(base, name="bench_retrieval_losses", stages=second_stages),
-                        WORK / f"retrieval_losses{tag}", overrides, args.reuse)["stages"]
+                        WORK / f"retrieval_losses_{best}{tag}", overrides, args.reuse)["stages"]
     stages = {**run1, **run2}
     resolved = yaml.safe_load((WORK / f"retrieval{tag}" / "config.resolved.yaml").read_text())
     data, bb = resolved["data"], resolved["backbone"]
