@@ -51,14 +51,14 @@ def config_seed(name: str) -> int:
     return yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["seed"]
 
 
-def work_dir(name: str, seed: int) -> Path:
-    return WORK / (f"pretext_{name}" if seed == config_seed(name) else f"pretext_{name}_seed{seed}")
+def stage_config(config: dict, name: str) -> dict:
+    return next(s for s in config["stages"] if s["name"] == name)
 
 
 def input_stages(config: dict) -> tuple[str, str, list[str]]:
     """STML's input (a stage name or `pretrained`), its label in the rows, and the evaluate stages of that input
     (cosine first)."""
-    source = next(s for s in config["stages"] if s["name"] == "stml")["input"]
+    source = stage_config(config, "stml")["input"]
     evaluated = sorted((s for s in config["stages"] if s["kind"] == "evaluate" and s["input"] == source
                         and s.get("features", "embedding") == "embedding"),
                        key=lambda s: s.get("retrieval_distance", "cosine") != "cosine")
@@ -102,7 +102,7 @@ def main() -> None:
         parser.error("give the seed with --seed N (its run gets its own folder), not --set seed=N")
     name, own_seed = args.config, config_seed(args.config)
     seed = own_seed if args.seed is None else args.seed
-    out = work_dir(name, seed)
+    out = WORK / (f"pretext_{name}" if seed == own_seed else f"pretext_{name}_seed{seed}")
     overrides = args.overrides + ([f"seed={seed}"] if seed != own_seed else [])
     summary = run(name, args.reuse, overrides, out=out)
     stages = summary["stages"]
@@ -112,13 +112,13 @@ def main() -> None:
     heading = CONFIGS[name] + ("" if seed == own_seed else f", seed {seed}")
     data, backbone = config["data"], config["backbone"]
     source, label, inputs = input_stages(config)
-    stml = next(s for s in config["stages"] if s["name"] == "stml")
+    stml = stage_config(config, "stml")
     stml_settings = {k: v for k, v in stml["settings"].items() if k != "augment"}
     stml_settings["augment.min_scale"] = stml["settings"]["augment"]["min_scale"]
     if source == "pretrained":
         start = f"the ImageNet weights of `make weights` ({Path(backbone['weights']).name}) as input, STML"
     else:
-        start = f"{label} ({next(s for s in config['stages'] if s['name'] == source)['epochs']} epochs) then STML"
+        start = f"{label} ({stage_config(config, source)['epochs']} epochs) then STML"
     rows = [("raw pixels (cosine)", "pixels"), *zip((f"{label} input backbone, cosine",
                                                       f"{label} input backbone, Euclidean"), inputs),
             (f"{label} + STML f, Euclidean (the authors' protocol)", "eval_stml"),
@@ -156,7 +156,7 @@ def main() -> None:
         *([f"- The STML-refined backbone's own pooled features (cosine) against the better of its input's two rows: "
            f"{gains(stages['eval_stml_backbone']['metrics'], best)}."] if "eval_stml_backbone" in stages else []),
         *paired_lines(stages, config, inputs[0]),
-        *held_out_lines(stages, config, label, input_backbone(out, stages, source)),
+        *held_out_lines(stages, config, out, source, label),
         f"- Wall time of the STML stage: {stages['stml']['metrics']['stage_time_s']:.0f} s "
         f"({stages['stml']['metrics'].get('images_per_sec', float('nan')):.1f} images/s in its last epoch)"
         + (f"; of the {label} stage: {stages[source]['metrics']['stage_time_s']:.0f} s." if source in stages else "."),
@@ -179,7 +179,8 @@ def paired_lines(stages: dict, config: dict, input_row: str) -> list[str]:
             "over the queries, 10000 rounds; it does not cover a second training seed): " + "; ".join(parts) + "."]
 
 
-def held_out_lines(stages: dict, config: dict, input_label: str, source: Path, batch_size: int = 512) -> list[str]:
+def held_out_lines(stages: dict, config: dict, out: Path, source: str, input_label: str,
+                   batch_size: int = 512) -> list[str]:
     """R@1 and NMI on the 30000 training-split images of the unseen classes: never trained on, and never looked
     at when the settings were chosen (that used the test split's 5000), so a check free of selection.
 
@@ -199,8 +200,8 @@ def held_out_lines(stages: dict, config: dict, input_label: str, source: Path, b
     held_out = load_images(data["source"], "train", root=data.get("root"), download=bool(data.get("download")),
                            image_size=size, classes=unseen, log=lambda *_: None)
     images, labels = held_out.images, held_out.labels
-    stml = Path(stages["stml"]["artifacts"]["backbone"])
-    features = {"pixels": pixel_features(images), "input": backbone_features(source, images, batch_size),
+    start, stml = input_backbone(out, stages, source), Path(stages["stml"]["artifacts"]["backbone"])
+    features = {"pixels": pixel_features(images), "input": backbone_features(start, images, batch_size),
                 "f": backbone_features(stml, images, batch_size),
                 "backbone": backbone_features(stml, images, batch_size, bare=True)}
     rows = [("raw pixels, cosine", "pixels", "cosine"), (f"{input_label} input, cosine", "input", "cosine"),

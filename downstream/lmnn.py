@@ -11,11 +11,10 @@ each target neighbour:
 Fitted with Adam on a seeded, bounded sample of the training embeddings (the impostor term is O(n^2 k) per
 step), centred and divided by one global scale (their RMS distance to the mean, so that the unit margin means
 the same for any embedding), starting from the identity: the embedding's own Euclidean distance, which LMNN
-then adjusts. Per-feature standardisation was the first choice and is worse: like whitening, it lifts
-low-variance, mostly noisy features of a CNN embedding to the weight of the informative ones (on unseen
-Fashion-MNIST classes with ImageNet MobileNetV2 features it lost R@1 to whitening; the global scale beats it,
-see bench/RESULTS.md). The `metric-learn` package's LMNN would add a dependency for a loop this short; this one
-runs in torch on the CPU in about a minute for 2000 points of 1280 dimensions.
+then adjusts. Not per-feature standardisation: like whitening, it lifts low-variance, mostly noisy features of
+a CNN embedding to the weight of the informative ones (bench/RESULTS.md, "Retrieval"). The `metric-learn`
+package's LMNN would add a dependency for a loop this short; this one runs in torch on the CPU in about a
+minute for 2000 points of 1280 dimensions.
 """
 
 from __future__ import annotations

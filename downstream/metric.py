@@ -21,7 +21,7 @@ from downstream.metric_losses import build_criterion
 from downstream.settings import MetricSettings
 from pretext.base import Method
 from pretext.pooling import NetVLAD, PooledBackbone, feature_map, make_pool, pooled_width
-from pretext.transforms import EvalTransform, SimCLRAugment
+from pretext.transforms import SimCLRAugment
 
 __all__ = ["MetricLearning", "MetricEmbedder", "m_per_class_batches", "rebuild_exported", "EXPORT_KIND"]
 
@@ -111,7 +111,8 @@ def pca_whitening(x: Tensor, out_dim: int, rcond: float = 1e-5) -> tuple[Tensor,
     x = x.double()
     mean = x.mean(dim=0)
     _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
-    k = min(out_dim, vt.shape[0], max(len(x) - 1, 0), int((s > s[0] * rcond).sum()) if len(s) else 0)
+    rank = int((s > s[0] * rcond).sum()) if len(s) else 0
+    k = max(0, min(out_dim, rank, len(x) - 1))
     std = s[:k] / max(len(x) - 1, 1) ** 0.5
     weight = torch.zeros(out_dim, x.shape[1], dtype=torch.float64, device=x.device)
     weight[:k] = vt[:k] / std[:, None]
@@ -196,11 +197,11 @@ class MetricLearning(Method):
         device = self.head.weight.device
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(len(images), size=min(max_images, len(images)), replace=False))
-        resize, was_training = EvalTransform(self.input_size), self.training
+        was_training = self.training
         self.eval()
         try:
-            maps = [feature_map(self.backbone, self.normalize(resize(self.match_backbone_channels(
-                torch.from_numpy(np.asarray(images[rows[i:i + 64]])).to(device).float().div_(255.0)))))
+            maps = [feature_map(self.backbone, self.normalize(self.eval_view(
+                torch.from_numpy(np.asarray(images[rows[i:i + 64]])).to(device))))
                     for i in range(0, len(rows), 64)]
         finally:
             self.train(was_training)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from downstream.augment import ImageAugment
 from downstream.settings import ScanSettings
 from pretext.base import Method, weight_decay_groups
-from pretext.transforms import EvalTransform, SimCLRAugment, to_float
+from pretext.transforms import SimCLRAugment, to_float
 
 EXPORT_KIND = "scan_clusterer"
 EPS = 1e-8
@@ -187,14 +187,13 @@ class SCAN(Method):
         """The frozen backbone's features of every training image as it is (resized, normalized, eval mode):
         exactly what the exported clusterer computes when it assigns them."""
         device = next(self.heads.parameters()).device
-        resize, was_training = EvalTransform(self.input_size), self.training
+        was_training = self.training
         self.eval()
         chunks = []
         try:
             for start in range(0, len(images), batch_size):
                 rows = np.arange(start, min(start + batch_size, len(images)))
-                x = self.match_backbone_channels(to_float(torch.from_numpy(np.asarray(images[rows])).to(device)))
-                chunks.append(self.encode(resize(x)).float())
+                chunks.append(self.encode(self.eval_view(torch.from_numpy(np.asarray(images[rows])).to(device))).float())
         finally:
             self.train(was_training)
         self.cached = torch.cat(chunks)

@@ -93,14 +93,17 @@ class Method(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     # -- helpers for subclasses -------------------------------------------------------------------
-    def match_backbone_channels(self, x: Tensor) -> Tensor:
-        """A [0, 1] batch with the channels the backbone's first convolution takes (grayscale data, RGB backbone).
-        The loop does this for its batches; methods that embed training images themselves (SCAN's feature cache,
-        NetVLAD's initialisation) call it."""
+    def eval_view(self, images: Tensor) -> Tensor:
+        """uint8 training rows as the exported backbone sees them, before normalization: [0, 1], the channels its
+        first convolution takes (grayscale data, RGB backbone), resized and centre-cropped to the input size.
+        For methods that embed training images themselves (SCAN's feature cache, NetVLAD's initialisation); the
+        loop's batches get their channels from the loop."""
         from pretext.embeddings import match_channels
+        from pretext.transforms import EvalTransform, to_float
 
+        x = to_float(images)
         conv = next((m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)), None)
-        return x if conv is None else match_channels(x, conv.in_channels)
+        return EvalTransform(self.input_size)(x if conv is None else match_channels(x, conv.in_channels))
 
     def encode(self, x: Tensor) -> Tensor:
         """Normalize a [0, 1] batch and return pooled backbone features (B, feature_dim)."""

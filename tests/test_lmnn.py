@@ -55,26 +55,31 @@ def test_kmeans_in_the_lmnn_space_beats_kmeans_on_the_embedding(tmp_path):
     assert any("k-means in the LMNN space (k=10): NMI" in line for line in lines), lines
 
 
-@pytest.mark.parametrize("key", ["retrieval_distance", "cluster_space"])
-def test_lmnn_without_labels_is_exit_2(tmp_path, key):
+def _run_lmnn_evaluate(tmp_path, root, key: str):
+    """`sslpipe run` of one pixels evaluate stage with `key: lmnn` on the image folder `root`."""
     import subprocess
     import sys
     import textwrap
     from pathlib import Path
 
+    config = tmp_path / "c.yaml"
+    config.write_text(textwrap.dedent(f"""
+        name: lmnn
+        data: {{source: folder, root: {root}, load_size: 8}}
+        stages: [{{name: e, kind: evaluate, input: pixels, retrieval: true, {key}: lmnn}}]
+    """))
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir",
+                           str(tmp_path / "out")], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("key", ["retrieval_distance", "cluster_space"])
+def test_lmnn_without_labels_is_exit_2(tmp_path, key):
     from PIL import Image
 
     for i in range(6):
         Image.fromarray(np.full((12, 12, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    config = tmp_path / "c.yaml"
-    config.write_text(textwrap.dedent(f"""
-        name: lmnn
-        data: {{source: folder, root: {tmp_path}, load_size: 8}}
-        stages: [{{name: e, kind: evaluate, input: pixels, retrieval: true, {key}: lmnn}}]
-    """))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir",
-                           str(tmp_path / "out")], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=120)
+    done = _run_lmnn_evaluate(tmp_path, tmp_path, key)
     assert done.returncode == 2, done.stderr
     assert f"{key} lmnn learns its" in done.stderr and "from the training split's labels" in done.stderr
 
@@ -83,11 +88,6 @@ def test_lmnn_without_labels_is_exit_2(tmp_path, key):
 def test_lmnn_scored_on_the_images_it_learned_from_is_exit_2(tmp_path, key):
     """A labelled folder without train/ and test/ evaluates on its training images: an LMNN map learned from their
     labels would be scored against the same labels (a leak), so the run is refused before anything trains."""
-    import subprocess
-    import sys
-    import textwrap
-    from pathlib import Path
-
     from PIL import Image
 
     for c in range(2):
@@ -95,15 +95,7 @@ def test_lmnn_scored_on_the_images_it_learned_from_is_exit_2(tmp_path, key):
         for i in range(4):
             Image.fromarray(np.full((12, 12, 3), 30 * i + 100 * c, dtype=np.uint8)).save(
                 tmp_path / "imgs" / f"class_{c}" / f"{i}.png")
-    config = tmp_path / "c.yaml"
-    config.write_text(textwrap.dedent(f"""
-        name: lmnn
-        data: {{source: folder, root: {tmp_path / 'imgs'}, load_size: 8}}
-        stages: [{{name: e, kind: evaluate, input: pixels, retrieval: true, {key}: lmnn}}]
-    """))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--output-dir",
-                           str(tmp_path / "out")], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=120)
+    done = _run_lmnn_evaluate(tmp_path, tmp_path / "imgs", key)
     assert done.returncode == 2, done.stderr
     assert f"{key} lmnn learns from the training split's labels" in done.stderr
     assert "the same images" in done.stderr and not (tmp_path / "out" / "stages" / "e").exists()
