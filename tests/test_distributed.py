@@ -47,8 +47,12 @@ def _child(rank: int, port: int, fn, out_dir: str, args) -> None:
         result = fn(rank, Path(out_dir), *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Every rank's result is on disk and all have passed the barrier: leave without the interpreter's teardown,
+    # where gloo's threads once aborted a finished child ("terminate called without an active exception").
+    os._exit(0)
 
 
 # -- a non-finite loss on one rank ------------------------------------------------------------------------------
