@@ -11,7 +11,7 @@ Every row runs `--repeats` times, interleaved, as throughput over all steps afte
 time, stalls included); the table gives each row's median [min-max] and its ratio to lightly's loop and to
 the bare step with the same memory layout, and every sentence of the section is written here.
 
-Writes a section of bench/RESULTS.md.   Usage: python bench/speed.py [--steps 6] [--batch 256] [--repeats 3]
+Writes a section of bench/RESULTS.md.   Usage: python bench/speed.py [--steps 10] [--epochs 4] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -276,11 +276,11 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of the lightly and in-process loops")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--stem-stride", type=int, default=2)
     parser.add_argument("--method", choices=["simclr", "moco"], default="simclr")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of each Ray stage run; the first is not timed")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of each Ray stage run; the first is not timed")
     parser.add_argument("--repeats", type=int, default=3, help="rounds: every row runs once per round, interleaved")
     add_results_argument(parser)
     args = parser.parse_args()
