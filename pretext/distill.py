@@ -24,6 +24,11 @@ any teacher, CNN or ViT, without matching feature-map grids:
                   teacher embeddings plus a FIFO queue of earlier ones (v1's loss).
 The feature-map (dense) variant of v2 is not implemented.
 
+Targets: "view" (default) is the consistent teaching above, a teacher forward per step. "cached" is Beyer et al.'s
+"fixed teacher": the teacher embeds each training image once, unaugmented, and the student's augmented views learn
+those fixed targets -- weaker on long schedules in their study, but with no teacher forward per step the student
+gets more steps for the same time, which is what a short CPU budget lacks (bench/pretrained.py compares both).
+
 Teacher handling: the teacher is an `nn.Module` built by the pipeline (pipeline/teachers.py) and handed in; it maps
 a [0, 1] batch to (B, D_t) and does its own resize, channel mapping and normalization (`Teacher`). It is kept
 *outside* the module tree (not a registered submodule), so it is not in `state_dict()` (checkpoints hold the
@@ -37,12 +42,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretext.base import Method
-from pretext.embeddings import lab_lightness, match_channels
+from pretext.embeddings import embed_sharded, lab_lightness, match_channels
 from pretext.settings import DistillSettings
 from pretext.transforms import EvalTransform, Normalize, SimCLRAugment, to_float
 
@@ -132,6 +138,10 @@ class Distill(Method):
         self.augment = SimCLRAugment(input_size=self.input_size, **s.augment.model_dump())
         self.resize = EvalTransform(self.input_size)
         self.head = _head(self.feature_dim, s.head_hidden_dim, self.teacher_dim)
+        # targets: cached -- the teacher's embedding of every training image (unaugmented), computed once by
+        # `epoch_batches`; the loop then passes each batch's rows. Not a buffer: rebuilt on resume.
+        self.wants_rows = s.targets == "cached"
+        self.cached: Tensor | None = None
         self.queue = None
         if s.loss == "queue":
             from pretext.moco import KeyQueue
@@ -182,12 +192,36 @@ class Distill(Method):
         return -(target * F.log_softmax(sn @ keys.t() / temperature, dim=1)).sum(dim=1).mean()
 
     # -- contract --------------------------------------------------------------------------------
-    def training_step(self, images: Tensor) -> dict[str, Any]:
+    def epoch_batches(self, images: Any, *, epoch: int, rank: int, world_size: int, batch_size: int,
+                      seed: int) -> list | None:
+        """targets: cached -- embed every training image with the teacher once (each rank a share, all-gathered);
+        the batches themselves are the default shuffled ones."""
+        if self.wants_rows and self.cached is None:
+            device = next(self.head.parameters()).device
+            targets = embed_sharded(self._teacher_targets, images, rank=rank, world_size=world_size, device=device)
+            self.cached = torch.from_numpy(targets).to(device)
+        return None
+
+    @torch.no_grad()
+    def _teacher_targets(self, images: Any, batch_size: int = 256) -> np.ndarray:
+        """The teacher's embeddings of uint8 rows as they are (the teacher resizes and normalizes them itself)."""
+        device = next(self.head.parameters()).device
+        chunks = [self.teacher(to_float(torch.from_numpy(np.asarray(images[start:start + batch_size])).to(device)))
+                  for start in range(0, len(images), batch_size)]
+        return torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, self.teacher_dim), np.float32)
+
+    def training_step(self, images: Tensor, rows: Tensor | None = None) -> dict[str, Any]:
         with torch.no_grad():
-            x = self.augment(to_float(images))
-            if self.settings.mixup:
-                x = mixup(x)
-            t = self.teacher(x).float()
+            if self.wants_rows:
+                # the fixed target of each image; before the cache exists (a compile warm-up step), computed here
+                t = (self.cached[rows.to(self.cached.device)] if self.cached is not None and rows is not None
+                     else self.teacher(to_float(images)))
+                x = self.augment(to_float(images))
+            else:
+                x = self.augment(to_float(images))
+                if self.settings.mixup:
+                    x = mixup(x)
+                t = self.teacher(x).float()
         s = self.project(x)
         with torch.autocast(device_type=s.device.type, enabled=False):
             loss = self.distill_loss(s, t)

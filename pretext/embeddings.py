@@ -86,3 +86,26 @@ def embed_images(
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
+
+
+def embed_sharded(embed, images, *, rank: int, world_size: int, device: torch.device | str = "cpu") -> np.ndarray:
+    """`embed(rows)` of every row of `images` on every rank, each rank computing only rows ``rank::world_size``
+    (a 1/world_size share of the cost) and the shares all-gathered. `embed` maps a uint8 (n, C, H, W) array to a
+    float (n, D) array; `device` is where the gather runs (NCCL needs the rank's GPU). One process, or no process
+    group: `embed(images)` on all rows."""
+    import torch.distributed as dist
+
+    n = len(images)
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return np.asarray(embed(images), dtype=np.float32)
+    mine = np.asarray(embed(images[np.arange(rank, n, world_size)]), dtype=np.float32)
+    per_rank = -(-n // world_size)  # rank r holds ceil((n - r) / world) rows: pad every share to the largest
+    padded = torch.zeros(per_rank, mine.shape[1], dtype=torch.float32, device=device)
+    padded[: len(mine)] = torch.from_numpy(mine).to(device)
+    shares = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(shares, padded)
+    out = np.empty((n, mine.shape[1]), dtype=np.float32)
+    for r, share in enumerate(shares):
+        rows = np.arange(r, n, world_size)
+        out[rows] = share[: len(rows)].cpu().numpy()
+    return out

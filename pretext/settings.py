@@ -278,9 +278,22 @@ class DistillSettings(MethodSettings):
                                  "MLP with one hidden layer of this size")
     mixup: bool = Field(True, description="mix each batch with a shuffled copy of itself (lambda ~ U(0, 1)), "
                         "the same mixed image for teacher and student")
+    targets: Literal["view", "cached"] = Field(
+        "view", description="view: the teacher embeds the student's own augmented view every step (consistent "
+        "teaching: best on long schedules); cached: the teacher embeds every training image once, unaugmented, "
+        "and the student's views learn those fixed targets (no teacher forward per step: more student steps for "
+        "the same time on short schedules; N x teacher-dim float32 held on every worker; needs mixup: false)",
+    )
     temperature: float = Field(0.07, gt=0.0, le=10.0, description="loss: queue, both distributions")
     queue_size: int = Field(4096, ge=1, description="loss: queue, teacher embeddings kept (global batches)")
     augment: DistillAugmentSettings = DistillAugmentSettings()
+
+    @model_validator(mode="after")
+    def _cached_targets_without_mixup(self) -> "DistillSettings":
+        if self.targets == "cached" and self.mixup:
+            raise ValueError("targets: cached holds the teacher's embeddings of the unmixed images, so a mixed view "
+                             "has no target: set mixup: false, or targets: view")
+        return self
 
 
 # name -> settings model; the matching module and class are in pretext/__init__.py (METHODS).

@@ -56,7 +56,7 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from torch import Tensor, nn
 
 from pretext.base import Method
-from pretext.embeddings import embed_images
+from pretext.embeddings import embed_images, embed_sharded
 from pretext.settings import STMLSettings
 from pretext.transforms import SimCLRAugment
 
@@ -599,25 +599,10 @@ def neighbour_batches(
 
 
 def embed_shared(method: "STML", images: Any, *, rank: int, world_size: int) -> np.ndarray:
-    """All N embeddings on every rank, each rank embedding only rows ``rank::world_size`` (a 1/world_size share
-    of the per-epoch embedding cost) and the shares all-gathered. One process, or no process group: all rows."""
-    import torch.distributed as dist
-
-    n = len(images)
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return embed_for_sampling(method, images)
-    mine = embed_for_sampling(method, images[np.arange(rank, n, world_size)])
-    per_rank = -(-n // world_size)  # rank r holds ceil((n - r) / world) rows: pad every share to the largest
-    device = next(method.parameters()).device
-    padded = torch.zeros(per_rank, mine.shape[1], dtype=torch.float32, device=device)
-    padded[: len(mine)] = torch.from_numpy(mine).to(device)
-    shares = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(shares, padded)
-    out = np.empty((n, mine.shape[1]), dtype=np.float32)
-    for r, share in enumerate(shares):
-        rows = np.arange(r, n, world_size)
-        out[rows] = share[: len(rows)].cpu().numpy()
-    return out
+    """All N student embeddings for the sampler on every rank, each rank embedding its share
+    (:func:`pretext.embeddings.embed_sharded`)."""
+    return embed_sharded(lambda rows: embed_for_sampling(method, rows), images, rank=rank, world_size=world_size,
+                         device=next(method.parameters()).device)
 
 
 @torch.no_grad()

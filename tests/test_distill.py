@@ -77,6 +77,40 @@ def test_the_loss_falls_on_a_fixed_batch_and_the_teacher_stays_frozen(loss):
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_cached_targets_are_the_teachers_embeddings_of_the_images_and_the_loss_falls_on_them():
+    """targets: cached -- the teacher embeds the unaugmented images once (epoch_batches); steps look targets up by
+    row (a changed cache changes the loss), and the student learns them on a fixed batch."""
+    import numpy as np
+
+    method = _method(targets="cached", **FIXED)
+    images = (_images(12) * 255).round().to(torch.uint8).numpy()
+    assert method.wants_rows and method.cached is None
+    assert method.epoch_batches(images, epoch=0, rank=0, world_size=1, batch_size=4, seed=0) is None
+    with torch.no_grad():
+        expected = method.teacher(torch.from_numpy(images).float() / 255)
+    torch.testing.assert_close(method.cached, expected)
+
+    rows = torch.arange(3, 11)
+    batch = torch.from_numpy(images[rows.numpy()])
+    cache = method.cached.clone()
+    method.cached = -cache  # the targets come from the cache, by row
+    flipped = float(method(batch, rows=rows)["loss"])
+    method.cached = cache
+    optimizer = torch.optim.AdamW(method.parameter_groups(1e-4), lr=3e-3)
+    method.train()
+    losses = []
+    for _ in range(12):
+        out = method(batch, rows=rows)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(float(out["loss"].detach()))
+    print(f"cached: loss {losses[0]:.4f} -> {losses[-1]:.4f}; with negated targets {flipped:.4f}")
+    assert abs(flipped - (2.0 - losses[0])) < 1e-4  # cosine loss: 1 - cos against -t is 2 - (1 - cos against t)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert np.isfinite(losses).all()
+
+
 def test_held_out_cosine_and_the_exported_backbone():
     method = _method(**FIXED)
     metrics, artifacts = method.heldout_report(_images(8), out_dir=None)
@@ -188,6 +222,15 @@ def test_a_bad_teacher_spec_is_a_config_error_naming_the_key(tmp_path, teacher, 
     assert f"stages[distill].{message}" in str(err.value)
 
 
+def test_cached_targets_with_mixup_is_a_config_error(tmp_path):
+    from pipeline.config import ConfigError, validate_config
+
+    data = _config({"artifact": str(backbone_artifact(tmp_path))})
+    data["stages"][0]["settings"].update(targets="cached")  # mixup defaults to true
+    with pytest.raises(ConfigError, match=r"stages\[distill\]\.settings.*targets: cached.*set mixup: false"):
+        validate_config(data)
+
+
 def test_a_missing_teacher_is_a_config_error(tmp_path):
     from pipeline.config import ConfigError, validate_config
 
@@ -199,14 +242,16 @@ def test_a_missing_teacher_is_a_config_error(tmp_path):
 def test_trains_in_the_ray_loop_and_resumes_after_a_stop(ray_session, tmp_path, monkeypatch):
     """2 workers x 16 images, 2 epochs of 4 steps. The first run's loss turns NaN in epoch 2 (fault hook): the
     stage stops with the checkpoint after epoch 1; the same config again resumes from it (the teacher rebuilt from
-    its artifact, the strict state-dict load accepting its fingerprint) and finishes."""
+    its artifact, the strict state-dict load accepting its fingerprint, the cached targets embedded again) and
+    finishes. Cached targets: each worker embeds half the images and the halves are gathered; each batch's rows
+    pass through DDP's forward."""
     from pipeline.config import validate_config
     from pipeline.runner import PipelineRun
     from pipeline.trainer import NonFiniteLossError
 
     artifact = backbone_artifact(tmp_path, "test_resnet")
     config = _config({"artifact": str(artifact)})
-    config["stages"][0]["settings"].update(head_hidden_dim=32)
+    config["stages"][0]["settings"].update(head_hidden_dim=32, targets="cached", mixup=False)
     out = tmp_path / "out"
     progress = tmp_path / "progress"
     monkeypatch.setenv("SSLPIPE_TEST_PROGRESS_FILE", str(progress))
