@@ -5,7 +5,8 @@ resnet18 and SimCLR from scratch on the same resnet18 for a comparable training 
 
 Needs `make weights` (~/.cache/sslpipe/weights/mobilenetv2_100.in1k.safetensors).
 
-Usage: python bench/pretrained.py [--reuse]     (writes a section of bench/RESULTS.md)
+Usage: python bench/pretrained.py [--quality-data] [--reuse]     (writes a section of bench/RESULTS.md; with
+--quality-data both configs read bench/quality.py's images, into their own folders and section)
 """
 
 from __future__ import annotations
@@ -26,10 +27,21 @@ from bench.speed import machine  # noqa: E402
 
 CONFIGS = ("quickstart", "fmnist_distill")
 TITLE = "## Pretrained starts on Fashion-MNIST (bench/pretrained.py)"
+TITLE_QUALITY_DATA = "## Pretrained starts on Fashion-MNIST, bench/quality.py's images (bench/pretrained.py --quality-data)"
 
 
-def out_dir(config: str) -> Path:
-    return WORK / f"pretrained_{config}"
+def out_dir(config: str, quality_data: bool = False) -> Path:
+    return WORK / f"pretrained_{config}{'_quality_data' if quality_data else ''}"
+
+
+def quality_data_sets() -> list[str]:
+    """--set overrides giving a run bench/quality.py's images: configs/fmnist_simclr.yaml's training subset (the
+    memory bank) and test subset (unset: the whole test split)."""
+    from pipeline.config import load_config
+
+    data = load_config(ROOT / "configs" / "fmnist_simclr.yaml").data
+    return [f"data.train_subset={data.train_subset}",
+            f"data.eval_subset={'null' if data.eval_subset is None else data.eval_subset}"]
 
 
 def training(cfg, stages: dict, name: str) -> tuple[str, str]:
@@ -60,13 +72,13 @@ def knn_hits(artifact: Path, train, evalset, expected: float) -> np.ndarray:
     return hits
 
 
-def paired_lines(qc, q: dict, d: dict) -> list[str]:
+def paired_lines(qc, q: dict, d: dict, quickstart_out: Path) -> list[str]:
     """kNN accuracy differences paired on the same test images, with 95% bootstrap intervals over the images."""
     from bench.quality import read_splits
     from bench.stml import paired_recall_at_1 as paired  # a paired bootstrap of two boolean hit vectors
 
     train, evalset = read_splits(qc)
-    start = next(out_dir("quickstart").joinpath("inputs").glob("pretrained-*"))
+    start = next(quickstart_out.joinpath("inputs").glob("pretrained-*"))
     art = {"imagenet": start, "adapted": Path(q["simclr"]["artifacts"]["backbone"]),
            "student": Path(d["distill"]["artifacts"]["backbone"]), "scratch": Path(d["simclr"]["artifacts"]["backbone"])}
     knn = {"imagenet": q["imagenet"], "adapted": q["evaluate"], "student": d["eval_distill"], "scratch": d["eval_simclr"]}
@@ -80,11 +92,15 @@ def paired_lines(qc, q: dict, d: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reuse", action="store_true", help="reuse finished runs under bench/_work")
+    parser.add_argument("--quality-data", action="store_true",
+                        help="bench/quality.py's images (20000-image bank, the whole test split) instead of the configs' own")
     add_results_argument(parser)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    runs = {c: run(c, args.reuse, [], out=out_dir(c)) for c in CONFIGS}
-    cfgs = {c: resolved(c, out_dir(c)) for c in CONFIGS}
+    sets = quality_data_sets() if args.quality_data else []
+    outs = {c: out_dir(c, args.quality_data) for c in CONFIGS}
+    runs = {c: run(c, args.reuse, sets, out=outs[c]) for c in CONFIGS}
+    cfgs = {c: resolved(c, outs[c]) for c in CONFIGS}
     data = {c: cfg.data.model_dump() for c, cfg in cfgs.items()}
     if data["quickstart"] != data["fmnist_distill"]:
         raise SystemExit("configs/quickstart.yaml and configs/fmnist_distill.yaml read different data: the rows "
@@ -104,13 +120,15 @@ def main() -> None:
     train_n, eval_n = measured_sizes(qc)
     simclr, distill = qc.stage("simclr"), dc.stage("distill")
     lines = [
-        TITLE,
+        TITLE_QUALITY_DATA if args.quality_data else TITLE,
         "",
         f"Machine: {machine()}.",
-        f"Command: `python bench/pretrained.py{' --reuse' if args.reuse else ''}` (configs/quickstart.yaml and "
-        f"configs/fmnist_distill.yaml). {qc.data.source}: {train_n} training images (unlabeled for training; also "
-        f"the kNN memory bank), {eval_n} test images, the same for every row: fewer than bench/quality.py's "
-        "20000 / 10000, for CPU time. kNN: cosine, weighted vote, k=200, t=0.1; NMI: k-means k=10 on L2-normalized "
+        f"Command: `python bench/pretrained.py{' --quality-data' if args.quality_data else ''}"
+        f"{' --reuse' if args.reuse else ''}` (configs/quickstart.yaml and configs/fmnist_distill.yaml"
+        f"{', ' + ' '.join('--set ' + x for x in sets) if sets else ''}). {qc.data.source}: {train_n} training "
+        f"images (unlabeled for training; also the kNN memory bank), {eval_n} test images, the same for every row"
+        f"{' and as bench/quality.py' if args.quality_data else ' (bench/quality.py: --quality-data)'}. "
+        "kNN: cosine, weighted vote, k=200, t=0.1; NMI: k-means k=10 on L2-normalized "
         f"features. Adaptation: SimCLR from the ImageNet weights, lr {simclr.optimizer.lr:g}. Distillation: teacher "
         f"the same ImageNet file ({distill.settings['teacher'].get('input_size')} px), loss "
         f"{distill.settings['loss']}, lr {distill.optimizer.lr:g}; SimCLR from scratch with the demo's former "
@@ -135,7 +153,7 @@ def main() -> None:
         f"(goal: above: {'met' if student > scratch else 'not met'}); distillation took {ratio:.2f}x SimCLR's stage time "
         f"(epochs x last epoch's time: {loop(dc, d, 'distill'):.0f} s against {loop(dc, d, 'simclr'):.0f} s; the rest of a "
         "stage is Ray Train's start, building the teacher and held-out metrics).",
-        *paired_lines(qc, q, d),
+        *paired_lines(qc, q, d, outs["quickstart"]),
         "",
     ]
     print("\n".join(lines))
