@@ -131,7 +131,9 @@ def main() -> None:
         "kNN: cosine, weighted vote, k=200, t=0.1; NMI: k-means k=10 on L2-normalized "
         f"features. Adaptation: SimCLR from the ImageNet weights, lr {simclr.optimizer.lr:g}. Distillation: teacher "
         f"the same ImageNet file ({distill.settings['teacher'].get('input_size')} px), loss "
-        f"{distill.settings['loss']}, lr {distill.optimizer.lr:g}; SimCLR from scratch with the demo's former "
+        f"{distill.settings['loss']}, targets {distill.settings.get('targets', 'view')}, mixup "
+        f"{str(distill.settings.get('mixup', True)).lower()}, crops min_scale "
+        f"{distill.settings.get('augment', {}).get('min_scale', 0.2)}, lr {distill.optimizer.lr:g}; SimCLR from scratch with the demo's former "
         "settings (lr 0.002). Stage times are wall seconds of the training stage.",
         "",
         "| features | backbone | train images x epochs | stage time (s) | kNN accuracy | k-means NMI | ARI | cluster acc. |",
@@ -152,7 +154,8 @@ def main() -> None:
         f"{'met' if student >= 0.95 * imagenet else 'not met'}); against SimCLR from scratch: {student - scratch:+.4f} "
         f"(goal: above: {'met' if student > scratch else 'not met'}); distillation took {ratio:.2f}x SimCLR's stage time "
         f"(epochs x last epoch's time: {loop(dc, d, 'distill'):.0f} s against {loop(dc, d, 'simclr'):.0f} s; the rest of a "
-        "stage is Ray Train's start, building the teacher and held-out metrics).",
+        "stage is Ray Train's start, building the teacher, its pass over the training images when its targets are "
+        "cached, and held-out metrics).",
         *paired_lines(qc, q, d, outs["quickstart"]),
         "",
     ]

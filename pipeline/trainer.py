@@ -607,6 +607,9 @@ def train_worker(config: dict[str, Any]) -> None:
     epochs, tag = w.stage["epochs"], f"[{w.stage['name']}]"
     if w.rank == 0:
         _print_start(w)
+    # The first epoch's batches come before the compile warm-up, so that the warm-up times the step training
+    # runs (a method's per-run state -- SCAN's feature cache, distillation's cached targets -- already built).
+    first = epoch_batches(w, w.start_epoch) if w.start_epoch < epochs else []
     if w.stage.get("compile") and w.start_epoch < epochs:
         w.model.train()  # the mode the steps run in (a method's train() may keep parts in eval): no recompile
         compile_report = warm_up_compile(w)
@@ -614,7 +617,7 @@ def train_worker(config: dict[str, Any]) -> None:
             _log_mlflow(w.job.tracking_uri, w.job.run_id, compile_report, step=0)
     stage_start, steps_done = time.time(), 0
     for epoch in range(w.start_epoch, epochs):
-        batches = epoch_batches(w, epoch)
+        batches = first if epoch == w.start_epoch else epoch_batches(w, epoch)
         w.model.train()
         sums: dict[str, torch.Tensor] = {}
         epoch_start, epoch_images = time.time(), 0

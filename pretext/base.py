@@ -69,7 +69,7 @@ class Method(nn.Module):
     needs_labels: ClassVar[bool] = False
     # Methods that look up per-image state (SCAN's cached features) set this; the loop then passes `rows=`, the
     # int64 indices of the batch's images in the training split, to `forward` and `training_step`.
-    wants_rows: ClassVar[bool] = False
+    wants_rows: bool = False  # a class default; distillation sets it per instance (targets: cached)
 
     def __init__(
         self,

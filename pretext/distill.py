@@ -213,9 +213,13 @@ class Distill(Method):
     def training_step(self, images: Tensor, rows: Tensor | None = None) -> dict[str, Any]:
         with torch.no_grad():
             if self.wants_rows:
-                # the fixed target of each image; before the cache exists (a compile warm-up step), computed here
-                t = (self.cached[rows.to(self.cached.device)] if self.cached is not None and rows is not None
-                     else self.teacher(to_float(images)))
+                # the fixed target of each image, looked up by row; computed here only before the cache exists
+                if self.cached is None:
+                    t = self.teacher(to_float(images))
+                elif rows is None:
+                    raise ValueError("distill: targets: cached needs the batch's rows (the training loop passes them)")
+                else:
+                    t = self.cached[rows.to(self.cached.device)]
                 x = self.augment(to_float(images))
             else:
                 x = self.augment(to_float(images))

@@ -87,7 +87,6 @@ def embed_images(
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-
 def embed_sharded(embed, images, *, rank: int, world_size: int, device: torch.device | str = "cpu") -> np.ndarray:
     """`embed(rows)` of every row of `images` on every rank, each rank computing only rows ``rank::world_size``
     (a 1/world_size share of the cost) and the shares all-gathered. `embed` maps a uint8 (n, C, H, W) array to a

@@ -282,7 +282,8 @@ class DistillSettings(MethodSettings):
         "view", description="view: the teacher embeds the student's own augmented view every step (consistent "
         "teaching: best on long schedules); cached: the teacher embeds every training image once, unaugmented, "
         "and the student's views learn those fixed targets (no teacher forward per step: more student steps for "
-        "the same time on short schedules; N x teacher-dim float32 held on every worker; needs mixup: false)",
+        "the same time on short schedules; N x teacher-dim float32 held on every worker's device, GPU memory on GPUs: "
+        "1.28M images x 1280 dims is 6.5 GB; needs mixup: false)",
     )
     temperature: float = Field(0.07, gt=0.0, le=10.0, description="loss: queue, both distributions")
     queue_size: int = Field(4096, ge=1, description="loss: queue, teacher embeddings kept (global batches)")

@@ -106,6 +106,8 @@ def test_cached_targets_are_the_teachers_embeddings_of_the_images_and_the_loss_f
         optimizer.step()
         losses.append(float(out["loss"].detach()))
     print(f"cached: loss {losses[0]:.4f} -> {losses[-1]:.4f}; with negated targets {flipped:.4f}")
+    with pytest.raises(ValueError, match="needs the batch's rows"):  # never silently the teacher on the batch
+        method(batch)
     assert abs(flipped - (2.0 - losses[0])) < 1e-4  # cosine loss: 1 - cos against -t is 2 - (1 - cos against t)
     assert losses[-1] < 0.7 * losses[0], losses
     assert np.isfinite(losses).all()

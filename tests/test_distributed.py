@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,8 @@ def _child(rank: int, port: int, fn, out_dir: str, args) -> None:
         raise
     # Every rank's result is on disk and all have passed the barrier: leave without the interpreter's teardown,
     # where gloo's threads once aborted a finished child ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 
@@ -308,5 +311,24 @@ def test_stml_ranks_embed_a_share_each_and_gather_all_embeddings(tmp_path):
     results = _spawn(_stml_embed_child, tmp_path)
     for r in results:
         assert r["shared"].shape == r["alone"].shape and len(r["alone"]) == 7
+        torch.testing.assert_close(r["shared"], r["alone"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0]["shared"], results[1]["shared"])
+
+
+# -- distillation's cached targets: each rank embeds a share with the teacher, every rank holds them all ----------
+
+def _distill_cache_child(rank: int, out_dir: Path) -> dict:
+    settings = {"teacher": {"name": "test_resnet", "random_init": True}, "mixup": False, "targets": "cached"}
+    images = (_global_images() * 255).to(torch.uint8).numpy()[:7]  # 7 rows: shares of 4 and 3
+    shared, alone = _method("distill", settings), _method("distill", settings)
+    shared.epoch_batches(images, epoch=0, rank=rank, world_size=WORLD, batch_size=2, seed=0)
+    alone.epoch_batches(images, epoch=0, rank=0, world_size=1, batch_size=2, seed=0)
+    return {"shared": shared.cached, "alone": alone.cached}
+
+
+def test_distill_cached_targets_are_shared_and_equal_one_process_embedding_all(tmp_path):
+    results = _spawn(_distill_cache_child, tmp_path)
+    for r in results:
+        assert r["shared"].shape == r["alone"].shape == (7, 8)
         torch.testing.assert_close(r["shared"], r["alone"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0]["shared"], results[1]["shared"])
