@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from downstream.augment import ImageAugment
 from downstream.settings import ScanSettings
 from pretext.base import Method, weight_decay_groups
+from pretext.embeddings import embed_sharded, map_chunks
 from pretext.transforms import SimCLRAugment, to_float
 
 EXPORT_KIND = "scan_clusterer"
@@ -173,7 +174,7 @@ class SCAN(Method):
         if self.neighbours is None or len(self.neighbours) != len(images):
             raise ValueError("scan: the mined neighbours do not match the training images")
         if self.uses_cache and self.cached is None:
-            self.cache_features(images)
+            self.cache_features(images, rank=rank, world_size=world_size)
         steps = (len(images) // world_size) // batch_size
         return pair_batches(self.neighbours, steps=steps, batch_size=batch_size, seed=seed, epoch=epoch,
                             rank=rank, world_size=world_size)
@@ -183,20 +184,21 @@ class SCAN(Method):
         return self.frozen and self.settings.feature_cache
 
     @torch.no_grad()
-    def cache_features(self, images: Any, batch_size: int = 256) -> None:
+    def cache_features(self, images: Any, *, rank: int = 0, world_size: int = 1, batch_size: int = 256) -> None:
         """The frozen backbone's features of every training image as it is (resized, normalized, eval mode):
-        exactly what the exported clusterer computes when it assigns them."""
+        exactly what the exported clusterer computes when it assigns them. Each rank embeds a share; all get
+        every row (:func:`pretext.embeddings.embed_sharded`)."""
         device = next(self.heads.parameters()).device
         was_training = self.training
         self.eval()
-        chunks = []
         try:
-            for start in range(0, len(images), batch_size):
-                rows = np.arange(start, min(start + batch_size, len(images)))
-                chunks.append(self.encode(self.eval_view(torch.from_numpy(np.asarray(images[rows])).to(device))).float())
+            features = embed_sharded(
+                lambda rows: map_chunks(lambda batch: self.encode(self.eval_view(batch)), rows, dim=self.feature_dim,
+                                        batch_size=batch_size, device=device),
+                images, rank=rank, world_size=world_size, device=device)
         finally:
             self.train(was_training)
-        self.cached = torch.cat(chunks)
+        self.cached = torch.from_numpy(features).to(device)
 
     # -- training ----------------------------------------------------------------------------------
     def features(self, x: Tensor) -> Tensor:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretext.base import Method
-from pretext.embeddings import embed_sharded, lab_lightness, match_channels
+from pretext.embeddings import embed_sharded, lab_lightness, map_chunks, match_channels
 from pretext.settings import DistillSettings
 from pretext.transforms import EvalTransform, Normalize, SimCLRAugment, to_float
 
@@ -205,13 +205,12 @@ class Distill(Method):
     @torch.no_grad()
     def _teacher_targets(self, images: Any, batch_size: int = 256) -> np.ndarray:
         """The teacher's embeddings of uint8 rows as they are (the teacher resizes and normalizes them itself)."""
-        device = next(self.head.parameters()).device
-        chunks = [self.teacher(to_float(torch.from_numpy(np.asarray(images[start:start + batch_size])).to(device)))
-                  for start in range(0, len(images), batch_size)]
-        return torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, self.teacher_dim), np.float32)
+        return map_chunks(lambda batch: self.teacher(to_float(batch)), images, dim=self.teacher_dim,
+                          batch_size=batch_size, device=next(self.head.parameters()).device)
 
     def training_step(self, images: Tensor, rows: Tensor | None = None) -> dict[str, Any]:
         with torch.no_grad():
+            x = self.augment(to_float(images))
             if self.wants_rows:
                 # the fixed target of each image, looked up by row; computed here only before the cache exists
                 if self.cached is None:
@@ -220,9 +219,7 @@ class Distill(Method):
                     raise ValueError("distill: targets: cached needs the batch's rows (the training loop passes them)")
                 else:
                     t = self.cached[rows.to(self.cached.device)]
-                x = self.augment(to_float(images))
             else:
-                x = self.augment(to_float(images))
                 if self.settings.mixup:
                     x = mixup(x)
                 t = self.teacher(x).float()

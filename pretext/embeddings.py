@@ -87,6 +87,15 @@ def embed_images(
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
+@torch.no_grad()
+def map_chunks(fn, images, *, dim: int, batch_size: int = 256, device: torch.device | str = "cpu") -> np.ndarray:
+    """`fn` over uint8 rows of `images` (any array-like, e.g. a memory map), `batch_size` rows at a time moved to
+    `device`, as one float32 (N, dim) array: only one chunk is ever on the device."""
+    chunks = [fn(torch.from_numpy(np.asarray(images[start:start + batch_size])).to(device)).float().cpu().numpy()
+              for start in range(0, len(images), batch_size)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+
+
 def embed_sharded(embed, images, *, rank: int, world_size: int, device: torch.device | str = "cpu") -> np.ndarray:
     """`embed(rows)` of every row of `images` on every rank, each rank computing only rows ``rank::world_size``
     (a 1/world_size share of the cost) and the shares all-gathered. `embed` maps a uint8 (n, C, H, W) array to a

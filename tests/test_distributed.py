@@ -332,3 +332,25 @@ def test_distill_cached_targets_are_shared_and_equal_one_process_embedding_all(t
         assert r["shared"].shape == r["alone"].shape == (7, 8)
         torch.testing.assert_close(r["shared"], r["alone"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0]["shared"], results[1]["shared"])
+
+
+# -- SCAN's feature cache of a frozen backbone: each rank embeds a share, every rank holds all features ----------
+
+def _scan_cache_child(rank: int, out_dir: Path) -> dict:
+    from downstream.scan import SCAN
+
+    images = (_global_images() * 255).to(torch.uint8).numpy()[:7]  # 7 rows: shares of 4 and 3
+    torch.manual_seed(0)
+    method = SCAN(ConvBN(), 8, {"clusters": 3, "num_heads": 2, "scan_epochs": 1}, input_size=12)
+    method.cache_features(images, rank=rank, world_size=WORLD, batch_size=3)  # chunks that cross the shares
+    shared = method.cached
+    method.cache_features(images)
+    return {"shared": shared, "alone": method.cached}
+
+
+def test_scan_feature_cache_is_shared_and_equals_one_process_embedding_all(tmp_path):
+    results = _spawn(_scan_cache_child, tmp_path)
+    for r in results:
+        assert r["shared"].shape == r["alone"].shape == (7, 8)
+        torch.testing.assert_close(r["shared"], r["alone"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0]["shared"], results[1]["shared"])
