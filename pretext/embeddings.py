@@ -67,32 +67,32 @@ def embed_images(
     device: torch.device | str | None = None,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """Pooled features (N, D) float32 of uint8 images (N, C, H, W)."""
+    """Pooled features (N, D) float32 of uint8 images (N, C, H, W); (0, 0) for no images."""
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     was_training = model.training
     model.eval().to(device)
-    chunks = []
+
+    def features(batch: torch.Tensor) -> torch.Tensor:
+        x = prepare_batch(batch, input_size=input_size, mean=mean, std=std, in_chans=in_chans,
+                          input_transform=input_transform)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return model(x)
+
     try:
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.array(images[start : start + batch_size], copy=True)).to(device)
-            x = prepare_batch(batch, input_size=input_size, mean=mean, std=std, in_chans=in_chans,
-                              input_transform=input_transform)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                feats = model(x)
-            chunks.append(feats.float().cpu().numpy())
+        return map_chunks(features, images, dim=0, batch_size=batch_size, device=device)
     finally:
         model.train(was_training)
-    if not chunks:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
 @torch.no_grad()
 def map_chunks(fn, images, *, dim: int, batch_size: int = 256, device: torch.device | str = "cpu") -> np.ndarray:
     """`fn` over uint8 rows of `images` (any array-like, e.g. a memory map), `batch_size` rows at a time moved to
     `device`, as one float32 (N, dim) array: only one chunk is ever on the device."""
-    chunks = [fn(torch.from_numpy(np.asarray(images[start:start + batch_size])).to(device)).float().cpu().numpy()
-              for start in range(0, len(images), batch_size)]
+    # Each chunk is copied: torch cannot safely wrap a read-only memory map.
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.array(images[start:start + batch_size], copy=True)).to(device)
+        chunks.append(fn(batch).float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
 
 
