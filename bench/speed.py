@@ -5,7 +5,9 @@
 2. our SimCLR stage under Ray Train (2 workers, and 1 worker given all cores), fp32, and with the fast
    option (``channels_last: true`` and ``compile: true``; fp32, which ``precision: auto`` picks on a CPU);
 3. a bare forward+backward+step on ready-made views (no augmentation, no data path), and our
-   in-process method step on the same batch, to show the data path is not the bottleneck.
+   in-process method step on the same batch, to show the data path is not the bottleneck;
+4. our method step under plain PyTorch DDP without Ray (2 processes sharing the cores, channels_last): what
+   two lockstepped processes can reach on this machine at all, the limit of the 2-worker rows.
 
 Every row runs `--repeats` times, interleaved, as throughput over all steps after warm-up (images / total
 time, stalls included); the table gives each row's median [min-max] and its ratio to lightly's loop and to
@@ -203,6 +205,54 @@ def method_steps(data: np.ndarray, batch: int, steps: int, stem_stride: int,
     return speeds(batch, ours), speeds(batch, bare)
 
 
+def _ddp_child(rank: int, port: int, data: np.ndarray, steps: int, stem_stride: int, threads: int, out) -> None:
+    """One rank of `plain_ddp`: our SimCLR step on its half of the fixed batch, gloo, channels_last."""
+    import torch.distributed as dist
+
+    from pipeline.trainer import _all_finite
+    from pretext import build_method
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    backbone, dim = build(stem_stride)
+    method = build_method("simclr", backbone, dim, {"temperature": 0.2, "augment": {"min_scale": 0.3, "cj_strength": 0.5,
+                          "gaussian_blur": 0.0}}, input_size=32, channels_last=True)
+    method.to(memory_format=torch.channels_last)
+    model = torch.nn.parallel.DistributedDataParallel(method)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=2e-3)
+    mine = torch.from_numpy(data[rank::2])
+    times = []
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        x = mine.float().div(255).expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
+        loss = model(x)["loss"]
+        _all_finite(loss, 2)  # the stage's per-step check, so both loops make the same collectives
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step > 0:
+            times.append(time.perf_counter() - t0)
+    out.put((rank, len(data) * len(times) / float(np.sum(times))))
+    dist.destroy_process_group()
+
+
+def plain_ddp(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> float:
+    """Our step under plain DDP, 2 processes with half the cores each and half of one fixed batch each, no Ray:
+    images/s of the slower rank over the steps after the first."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.get_context("spawn").SimpleQueue()
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    mp.spawn(_ddp_child, args=(port, data[:batch], steps, stem_stride, threads, out), nprocs=2)
+    return min(out.get()[1] for _ in range(2))
+
+
 def ray_stage(n: int, batch: int, epochs: int, stem_stride: int, fast: bool, method: str = "simclr",
               workers: int = 2) -> float:
     """Our pretext stage through `sslpipe run` under Ray Train: images/s over every epoch after the first
@@ -243,6 +293,7 @@ ROWS = (  # (key, label); the measuring order within one repeat
     ("ray2_fast", "sslpipe SimCLR stage, Ray Train 2 workers, fast option"),
     ("ray1", "sslpipe SimCLR stage, Ray Train 1 worker (all cores), fp32"),
     ("ray1_fast", "sslpipe SimCLR stage, Ray Train 1 worker (all cores), fast option"),
+    ("ddp2_cl", "sslpipe SimCLR method step, plain DDP 2 processes, no Ray (one fixed batch), channels_last"),
     ("ours", "sslpipe SimCLR method step in-process (one fixed batch), fp32"),
     ("bare", "bare fwd+bwd on ready views (one fixed batch), fp32"),
     ("ours_cl", "sslpipe SimCLR method step in-process (one fixed batch), channels_last"),
@@ -250,7 +301,7 @@ ROWS = (  # (key, label); the measuring order within one repeat
 )
 # The bare step with the same memory layout: the physical limit of each row's loop on this machine.
 SAME_LAYOUT_BARE = {"lightly": "bare", "ray2": "bare", "ray1": "bare", "ours": "bare",
-                    "ray2_fast": "bare_cl", "ray1_fast": "bare_cl", "ours_cl": "bare_cl"}
+                    "ray2_fast": "bare_cl", "ray1_fast": "bare_cl", "ours_cl": "bare_cl", "ddp2_cl": "bare_cl"}
 
 
 def measure_repeats(data: np.ndarray, args) -> dict[str, list[float]]:
@@ -262,6 +313,7 @@ def measure_repeats(data: np.ndarray, args) -> dict[str, list[float]]:
         runs["lightly"].append(lightly_loop(data, args.batch, args.steps, args.stem_stride)["mean"])
         for key, workers, fast in (("ray2", 2, False), ("ray2_fast", 2, True), ("ray1", 1, False), ("ray1_fast", 1, True)):
             runs[key].append(ray_stage(len(data), args.batch, args.epochs, args.stem_stride, fast=fast, workers=workers))
+        runs["ddp2_cl"].append(plain_ddp(data, args.batch, args.steps, args.stem_stride))
         for layout, (ours_key, bare_key) in ((False, ("ours", "bare")), (True, ("ours_cl", "bare_cl"))):
             ours, bare = method_steps(data, args.batch, args.steps, args.stem_stride, channels_last=layout)
             runs[ours_key].append(ours["mean"])
@@ -304,7 +356,7 @@ def main() -> None:
         "",
         f"Every row ran {args.repeats} times, interleaved (one of each row per round). A figure is the median of "
         "the rounds [min-max], in images/s (images, not views), each round's figure being the throughput over "
-        f"all steps after warm-up: lightly and in-process rows, the {args.steps} steps after the first; Ray rows, "
+        f"all steps after warm-up: lightly, in-process and plain-DDP rows, the {args.steps} steps after the first; Ray rows, "
         f"epochs 2-{args.epochs} of the stage (the fast option compiles in its warm-up, before epoch 1). The fast "
         "option is `channels_last: true` + `compile: true`. The last column divides the row's median by the "
         "median of the bare forward+backward step with the same memory layout (fp32 rows by the contiguous one, "
@@ -320,6 +372,9 @@ def main() -> None:
         "with 2 workers (medians over the rounds).",
         f"- our stage / bare channels_last step: **{med['ray1_fast'] / med['bare_cl']:.2f}** (1 worker, fast option), "
         f"**{med['ray2_fast'] / med['bare_cl']:.2f}** (2 workers, fast option).",
+        f"- two processes sharing the cores without Ray (plain DDP, channels_last): **{ratio['ddp2_cl']:.2f}x** lightly's "
+        f"loop, **{med['ddp2_cl'] / med['bare_cl']:.2f}** of the bare channels_last step: the most a 2-worker stage can "
+        f"reach here; the 2-worker fast-option stage runs at **{med['ray2_fast'] / med['ddp2_cl']:.2f}** of it.",
         "",
     ]
     text = "\n".join(lines)
