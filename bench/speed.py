@@ -64,6 +64,18 @@ def build(stem_stride: int):
     return build_backbone("resnet18", small_image_stem=True, stem_stride=stem_stride)
 
 
+def simclr_method(stem_stride: int, channels_last: bool):
+    """Our SimCLR method on `build`'s backbone with the augmentation of lightly's loop, in the given layout."""
+    from pretext import build_method
+
+    backbone, dim = build(stem_stride)
+    method = build_method("simclr", backbone, dim, {"temperature": 0.2, "augment": {"min_scale": 0.3, "cj_strength": 0.5,
+                          "gaussian_blur": 0.0}}, input_size=32, channels_last=channels_last)
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
+    return method
+
+
 def _pil_loader(data: np.ndarray, transform, batch: int):
     """lightly's example data path: grayscale uint8 -> PIL RGB -> lightly transform, in 2 DataLoader workers."""
     from PIL import Image
@@ -173,14 +185,8 @@ def method_steps(data: np.ndarray, batch: int, steps: int, stem_stride: int,
                  channels_last: bool) -> tuple[dict[str, float], dict[str, float]]:
     """(our in-process SimCLR step, bare fwd+bwd on ready views): images/s as loop mean and median step, same
     model and batch (one fixed batch: no data path)."""
-    from pretext import build_method
-
-    backbone, dim = build(stem_stride)
-    method = build_method("simclr", backbone, dim, {"temperature": 0.2, "augment": {"min_scale": 0.3, "cj_strength": 0.5,
-                          "gaussian_blur": 0.0}}, input_size=32, channels_last=channels_last)
+    method = simclr_method(stem_stride, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        method.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(method.parameters(), lr=2e-3)
     x = torch.from_numpy(data[:batch]).float().div(255).expand(-1, 3, -1, -1).contiguous()
     ours, bare = [], []
@@ -210,15 +216,11 @@ def _ddp_child(rank: int, port: int, data: np.ndarray, steps: int, stem_stride: 
     import torch.distributed as dist
 
     from pipeline.trainer import _all_finite
-    from pretext import build_method
 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
-    backbone, dim = build(stem_stride)
-    method = build_method("simclr", backbone, dim, {"temperature": 0.2, "augment": {"min_scale": 0.3, "cj_strength": 0.5,
-                          "gaussian_blur": 0.0}}, input_size=32, channels_last=True)
-    method.to(memory_format=torch.channels_last)
+    method = simclr_method(stem_stride, channels_last=True)
     model = torch.nn.parallel.DistributedDataParallel(method)
     optimizer = torch.optim.AdamW(method.parameters(), lr=2e-3)
     mine = torch.from_numpy(data[rank::2])
@@ -233,7 +235,7 @@ def _ddp_child(rank: int, port: int, data: np.ndarray, steps: int, stem_stride: 
         optimizer.step()
         if step > 0:
             times.append(time.perf_counter() - t0)
-    out.put((rank, len(data) * len(times) / float(np.sum(times))))
+    out.put(len(data) * len(times) / float(np.sum(times)))
     dist.destroy_process_group()
 
 
@@ -250,7 +252,7 @@ def plain_ddp(data: np.ndarray, batch: int, steps: int, stem_stride: int) -> flo
     out = mp.get_context("spawn").SimpleQueue()
     threads = max(1, (os.cpu_count() or 2) // 2)
     mp.spawn(_ddp_child, args=(port, data[:batch], steps, stem_stride, threads, out), nprocs=2)
-    return min(out.get()[1] for _ in range(2))
+    return min(out.get() for _ in range(2))
 
 
 def ray_stage(n: int, batch: int, epochs: int, stem_stride: int, fast: bool, method: str = "simclr",
